@@ -1,0 +1,28 @@
+"""Shared fixtures. Two logical CPU devices are configured before TensorFlow runs any op, so the
+MirroredStrategy test can run in the same (single) pytest process as everything else."""
+import os
+from pathlib import Path
+
+import pytest
+
+import tfrec_recall  # noqa: F401  (selects tf-keras before TensorFlow is imported)
+import tensorflow as tf
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k"
+REQUIRES_ML100K = pytest.mark.skipif(not (ML100K / "u.data").is_file(),
+                                     reason=f"MovieLens 100K is absent (expected at {ML100K})")
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    from tfrec_recall.data import make_synthetic
+    return make_synthetic(num_users=300, num_items=200, num_categories=8, mean_interactions=15, seed=3)
+
+
+@pytest.fixture(scope="session")
+def small_split(small_data):
+    from tfrec_recall.data import leave_last_out
+    return leave_last_out(small_data, history_length=10)

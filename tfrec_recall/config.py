@@ -1,0 +1,148 @@
+"""Run configuration: one typed, validated dataclass, loadable from YAML, with named presets for ``--model``.
+
+Every field has a default; a YAML file overrides fields of the chosen preset. Unknown keys and bad values fail
+with one line naming the key and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+TOWER_KINDS = ("mlp", "senet", "residual", "youtube_dnn")
+NEGATIVES = ("in_batch", "mixed", "global")
+OPTIMIZERS = ("adam", "adagrad")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the value."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    # Features
+    use_user_id: bool = True
+    use_history: bool = False
+    use_side_features: bool = False
+    history_length: int = 50
+    pooling: str = "mean"
+    embedding_dim: int = 64
+    side_embedding_dim: int = 16
+    # Towers
+    query_tower: str = "mlp"
+    candidate_tower: str = "mlp"
+    hidden_units: Tuple[int, ...] = ()
+    output_dim: int = 64
+    l2_normalize: bool = True
+    dropout: float = 0.0
+    # Loss and negatives
+    temperature: float = 0.05
+    logq_correction: bool = False
+    estimator_buckets: int = 1 << 16
+    estimator_hashes: int = 2
+    estimator_alpha: float = 0.01
+    negatives: str = "in_batch"
+    num_negatives: int = 1024
+    negative_beta: float = 0.0
+    num_hard_negatives: Optional[int] = None
+    remove_accidental_hits: bool = True
+    # Optimisation
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    batch_size: int = 512
+    epochs: int = 10
+    seed: int = 0
+    ks: Tuple[int, ...] = (10, 50, 100)
+
+    def __post_init__(self):
+        def need(condition, key, value, what):
+            if not condition:
+                raise ConfigError(f"config key {key!r}: {what}, got {value!r}")
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                need(isinstance(value, bool), f.name, value, "must be true or false")
+            elif f.type == "int":
+                need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f.name, value,
+                     "must be a non-negative integer")
+            elif f.type == "float":
+                need(isinstance(value, (int, float)) and not isinstance(value, bool), f.name, value,
+                     "must be a number")
+                setattr(self, f.name, float(value))
+            elif f.type == "Tuple[int, ...]":
+                need(isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                             and v > 0 for v in value), f.name, value,
+                     "must be a list of positive integers")
+                setattr(self, f.name, tuple(value))
+        need(self.query_tower in TOWER_KINDS, "query_tower", self.query_tower, f"must be one of {TOWER_KINDS}")
+        need(self.candidate_tower in TOWER_KINDS[:3], "candidate_tower", self.candidate_tower,
+             f"must be one of {TOWER_KINDS[:3]}")
+        need(self.query_tower != "youtube_dnn" or self.use_history, "query_tower", self.query_tower,
+             "youtube_dnn needs use_history: true")
+        need(self.use_user_id or self.use_history or self.use_side_features, "use_user_id", self.use_user_id,
+             "the query tower needs at least one of use_user_id, use_history, use_side_features")
+        need(self.negatives in NEGATIVES, "negatives", self.negatives, f"must be one of {NEGATIVES}")
+        need(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        need(self.pooling in ("mean", "recency"), "pooling", self.pooling, "must be 'mean' or 'recency'")
+        need(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        need(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        need(0 < self.estimator_alpha <= 1, "estimator_alpha", self.estimator_alpha, "must be in (0, 1]")
+        need(self.negative_beta >= 0, "negative_beta", self.negative_beta, "must be >= 0")
+        need(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        for key in ("batch_size", "epochs", "embedding_dim", "output_dim", "history_length", "num_negatives",
+                    "estimator_buckets", "estimator_hashes"):
+            need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        need(self.num_hard_negatives is None or (isinstance(self.num_hard_negatives, int)
+                                                  and self.num_hard_negatives >= 1),
+             "num_hard_negatives", self.num_hard_negatives, "must be null or a positive integer")
+        need(len(self.ks) > 0, "ks", self.ks, "must list at least one cut-off")
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def replace(self, **changes) -> "RunConfig":
+        return from_dict({**self.to_dict(), **changes})
+
+
+def from_dict(values: Mapping[str, Any]) -> RunConfig:
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r} (known keys: {', '.join(sorted(known))})")
+    return RunConfig(**values)
+
+
+# Presets for `--model`. Each is a set of overrides of RunConfig's defaults.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The TFRS-style two-tower on ids only.
+    "two_tower": {},
+    # Ids plus user and item side features, SENet-gated query tower.
+    "two_tower_features": {"use_side_features": True, "query_tower": "senet", "hidden_units": [128]},
+    # YouTubeDNN: user tower over the watch history plus user features.
+    "youtube_dnn": {"use_history": True, "use_user_id": False, "use_side_features": True,
+                    "query_tower": "youtube_dnn", "hidden_units": [256]},
+}
+
+
+def load_config(model: str = "two_tower", path: Optional[str] = None,
+                overrides: Optional[Mapping[str, Any]] = None) -> RunConfig:
+    if model not in PRESETS:
+        raise ConfigError(f"--model must be one of {sorted(PRESETS)}, got {model!r}")
+    values = dict(PRESETS[model])
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config file not found: {path!r}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path!r} must hold a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    return from_dict(values)

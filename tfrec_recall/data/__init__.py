@@ -1,0 +1,9 @@
+"""Data: the interaction schema, readers, the synthetic default, splits and input pipelines."""
+from tfrec_recall.data.readers import (read_csv, read_movielens_100k, read_movielens_1m, read_movielens_latest,
+                                       read_parquet)
+from tfrec_recall.data.schema import DataError, InteractionData
+from tfrec_recall.data.split import Split, leave_last_out, random_split
+from tfrec_recall.data.synthetic import make_synthetic
+
+__all__ = ["DataError", "InteractionData", "Split", "leave_last_out", "random_split", "make_synthetic",
+           "read_csv", "read_parquet", "read_movielens_100k", "read_movielens_1m", "read_movielens_latest"]

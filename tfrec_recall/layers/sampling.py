@@ -1,0 +1,76 @@
+"""Negative samplers over the item corpus.
+
+:class:`CorpusNegativeSampler` draws ``num_negatives`` items per training step (shared by the whole batch),
+with replacement, from q(y) proportional to ``count(y) ** beta``: ``beta = 0`` is global uniform, ``0 < beta < 1``
+popularity-damped (word2vec's 0.75), ``beta = 1`` the unigram distribution. It returns the items' raw features
+(the candidate tower embeds them), their ids (for accidental-hit removal) and log of their expected count in
+the draw, log(num_negatives * q(y)), for the logQ correction. Mixed negatives (Yang et al. 2020) are this
+sampler plus in-batch negatives in :class:`~tfrec_recall.losses.RetrievalTask`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfrec_recall.data.tfdata import to_tensors
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
+class CorpusNegativeSampler(tf.keras.layers.Layer):
+    def __init__(self, candidate_features: Mapping[str, Sequence], id_feature: str = "item_id",
+                 counts: Optional[Sequence[float]] = None, beta: float = 0.0, num_negatives: int = 256,
+                 seed: int = 0, **kwargs):
+        kwargs.pop("trainable", None)
+        super().__init__(trainable=False, **kwargs)
+        if id_feature not in candidate_features:
+            raise ValueError(f"candidate_features must contain the id feature {id_feature!r}, got "
+                             f"{sorted(candidate_features)}")
+        arrays = {k: np.asarray(v) for k, v in candidate_features.items()}
+        n = len(arrays[id_feature])
+        if n == 0:
+            raise ValueError("candidate_features is empty: the corpus needs at least one item")
+        for name, a in arrays.items():
+            if len(a) != n:
+                raise ValueError(f"candidate_features[{name!r}] has {len(a)} rows, expected {n}")
+        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be a positive integer, got {num_negatives!r}")
+        if not beta >= 0.0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if counts is None:
+            if beta != 0.0:
+                raise ValueError(f"beta={beta!r} needs counts (item frequencies); pass counts or use beta=0")
+            weights = np.ones(n)
+        else:
+            counts = np.asarray(counts, dtype=np.float64)
+            if counts.shape != (n,) or not np.all(np.isfinite(counts)) or np.any(counts < 0):
+                raise ValueError(f"counts must be {n} finite non-negative numbers, got shape {counts.shape}")
+            weights = counts ** beta if beta > 0 else np.ones(n)
+            if weights.sum() <= 0:
+                raise ValueError("counts ** beta sums to zero: no item can be sampled")
+        self.probabilities = weights / weights.sum()
+        self.id_feature, self.beta, self.num_negatives, self.seed = id_feature, float(beta), num_negatives, seed
+        self._arrays = arrays
+        self._counts = None if counts is None else counts
+        self._features = to_tensors(arrays)
+        self._logits = tf.constant(np.log(np.maximum(self.probabilities, 1e-30)), dtype=tf.float32)
+        self._log_expected = tf.constant(np.log(np.maximum(self.probabilities * num_negatives, 1e-30)),
+                                         dtype=tf.float32)
+        self._generator = tf.random.Generator.from_seed(seed)
+
+    def call(self, inputs=None):
+        return self.sample()
+
+    def sample(self):
+        """Returns (features, ids, log_expected_count) of one draw of ``num_negatives`` items."""
+        seed = self._generator.make_seeds(1)[:, 0]
+        index = tf.random.stateless_categorical(self._logits[None, :], self.num_negatives, seed=seed)[0]
+        features: Dict[str, tf.Tensor] = {k: tf.gather(v, index) for k, v in self._features.items()}
+        return features, features[self.id_feature], tf.gather(self._log_expected, index)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "candidate_features": {k: v.tolist() for k, v in self._arrays.items()},
+                "id_feature": self.id_feature, "beta": self.beta, "num_negatives": self.num_negatives,
+                "seed": self.seed, "counts": None if self._counts is None else self._counts.tolist()}

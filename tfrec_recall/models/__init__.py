@@ -1,0 +1,3 @@
+from tfrec_recall.models.two_tower import TwoTower
+
+__all__ = ["TwoTower"]
