@@ -20,8 +20,8 @@ $(STAMP): requirements.lock setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tfrec-recall train --dataset synthetic --model youtube_dnn --out runs/demo
-	$(VENV)/bin/tfrec-recall recommend --model-dir runs/demo --user-id u0 --user-id u1 --k 10
+	$(VENV)/bin/tfrec-recall train --dataset synthetic --model youtube_dnn_mixed --epochs 5 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/tfrec-recall recommend --model-dir $$(ls -d runs/demo-* | tail -n 1) --user-id u0 --user-id u1 --k 10
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 tests

@@ -212,3 +212,22 @@ def test_evaluation_callback_adds_validation_metrics():
     assert logs == {"val_HR@10": 0.5}
     with pytest.raises(ValueError, match=r"every must be a positive integer, got 0"):
         RetrievalEvaluation(lambda: {}, every=0)
+
+
+def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_split):
+    from tfrec_recall import train as training
+    devices = tf.config.list_logical_devices("CPU")[:2]
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    config = load_config("youtube_dnn", overrides={"embedding_dim": 8, "output_dim": 8, "hidden_units": [8],
+                                                   "logq_correction": True, "negatives": "mixed",
+                                                   "num_negatives": 16, "estimator_buckets": 4096})
+    with strategy.scope():
+        model = training.build_model(config, small_split)
+        model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+    arrays = training.training_arrays(model, small_split)
+    dataset = training.make_dataset(arrays, 64, drop_remainder=True)
+    steps = len(small_split.train) // 64
+    history = model.fit(dataset, epochs=1, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    # One estimator step per global batch, not per replica.
+    assert float(model.frequency_estimator.step.numpy()) == steps

@@ -125,6 +125,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # YouTubeDNN: user tower over the watch history plus user features.
     "youtube_dnn": {"use_history": True, "use_user_id": False, "use_side_features": True,
                     "query_tower": "youtube_dnn", "hidden_units": [256]},
+    # The best measured configuration (benchmarks/results/quality_ml100k.md): YouTubeDNN with a
+    # recency-weighted history and mixed negatives (in-batch plus 2048 uniform corpus samples).
+    "youtube_dnn_mixed": {"use_history": True, "use_user_id": False, "use_side_features": True,
+                          "query_tower": "youtube_dnn", "hidden_units": [256], "pooling": "recency",
+                          "negatives": "mixed", "num_negatives": 2048, "learning_rate": 0.003},
 }
 
 

@@ -27,6 +27,13 @@ import tensorflow_recommenders as tfrs
 LARGE_NEGATIVE = -1e9
 
 
+def _fingerprint(ids):
+    if ids is None:
+        return None
+    ids = tf.reshape(ids, [-1])
+    return tf.strings.to_hash_bucket_fast(ids, 1 << 62) if ids.dtype == tf.string else tf.cast(ids, tf.int64)
+
+
 def _gather(ctx, value):
     return None if value is None else ctx.all_gather(value, axis=0)
 
@@ -56,6 +63,10 @@ class RetrievalTask(tfrs.tasks.Retrieval):
         this replica's block)."""
         num_queries = tf.shape(query_embeddings)[0]
         offset = tf.constant(0, tf.int32)
+        # Ids are compared as 62-bit fingerprints: ~10x faster than string equality, and collectives cannot
+        # gather strings.
+        candidate_ids = _fingerprint(candidate_ids)
+        negative_ids = _fingerprint(negative_ids)
         ctx = tf.distribute.get_replica_context()
         if self.gather_across_replicas and ctx is not None and ctx.num_replicas_in_sync > 1:
             sizes = ctx.all_gather(tf.reshape(tf.shape(candidate_embeddings)[0], [1]), axis=0)
@@ -89,8 +100,6 @@ class RetrievalTask(tfrs.tasks.Retrieval):
             if candidate_ids is None:
                 raise ValueError("remove_accidental_hits=True needs candidate_ids")
             ids = tf.reshape(candidate_ids, [-1])
-            if ids.dtype == tf.string:  # compare 62-bit fingerprints: ~10x faster than string equality
-                ids = tf.strings.to_hash_bucket_fast(ids, 1 << 62)
             positive_ids = tf.gather(ids, positive_column)
             duplicate = tf.equal(positive_ids[:, None], ids[None, :]) & tf.equal(labels, 0.0)
             scores = scores + tf.cast(duplicate, scores.dtype) * LARGE_NEGATIVE

@@ -53,8 +53,12 @@ class StreamingFrequencyEstimator(tf.keras.layers.Layer):
 
     def update(self, ids: tf.Tensor) -> tf.Tensor:
         """Advances the global step by one and records one sighting of every distinct id in ``ids``."""
+        return self.update_buckets(self.hash(ids))
+
+    def update_buckets(self, buckets: tf.Tensor) -> tf.Tensor:
+        """:meth:`update` on precomputed buckets ``[num_hashes, n]`` (e.g. gathered from all replicas)."""
         new_step = self.step.assign_add(1.0)
-        buckets = self.hash(ids)
+        buckets = tf.cast(buckets, tf.int64)
         updates_a, updates_b = [], []
         for j in range(self.num_hashes):
             unique, _ = tf.unique(buckets[j])
@@ -64,8 +68,17 @@ class StreamingFrequencyEstimator(tf.keras.layers.Layer):
             updates_b.append((index, (1.0 - self.alpha) * period + self.alpha * (new_step - last)))
             updates_a.append((index, tf.fill(tf.shape(unique), new_step)))
         with tf.control_dependencies([u for _, u in updates_b]):
-            ops = [self.period.scatter_nd_update(i, u) for i, u in updates_b]
-            ops += [self.last_step.scatter_nd_update(i, u) for i, u in updates_a]
+            if tf.distribute.has_strategy():
+                # Distributed variables have no scatter update in replica context: assign whole arrays
+                # (every replica computes the same values from the same gathered buckets).
+                index_b = tf.concat([i for i, _ in updates_b], axis=0)
+                ops = [self.period.assign(tf.tensor_scatter_nd_update(
+                           self.period, index_b, tf.concat([u for _, u in updates_b], axis=0))),
+                       self.last_step.assign(tf.tensor_scatter_nd_update(
+                           self.last_step, index_b, tf.concat([u for _, u in updates_a], axis=0)))]
+            else:
+                ops = [self.period.scatter_nd_update(i, u) for i, u in updates_b]
+                ops += [self.last_step.scatter_nd_update(i, u) for i, u in updates_a]
         with tf.control_dependencies(ops):
             return tf.identity(new_step)
 

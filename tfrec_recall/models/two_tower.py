@@ -54,11 +54,11 @@ class TwoTower(tfrs.Model):
         if self.frequency_estimator is None:
             return None
         if training:
-            all_ids = ids
+            buckets = self.frequency_estimator.hash(ids)
             ctx = tf.distribute.get_replica_context()
             if ctx is not None and ctx.num_replicas_in_sync > 1:
-                all_ids = ctx.all_gather(ids, axis=0)  # every replica records the same global batch
-            with tf.control_dependencies([self.frequency_estimator.update(all_ids)]):
+                buckets = ctx.all_gather(buckets, axis=1)  # every replica records the same global batch
+            with tf.control_dependencies([self.frequency_estimator.update_buckets(buckets)]):
                 return tf.math.log(self.frequency_estimator(ids))
         return tf.math.log(self.frequency_estimator(ids))
 
