@@ -26,3 +26,14 @@ def small_data():
 def small_split(small_data):
     from tfrec_recall.data import leave_last_out
     return leave_last_out(small_data, history_length=10)
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole session. Each new strategy restarts its
+    collective instance keys while TensorFlow's process-wide collective executor remembers earlier instances,
+    so a second strategy's all_gather can collide with the first's (seen here: "Collective instance 101
+    expected ... data_type 1 but got ... data_type 9")."""
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2, "two logical CPU devices are configured above"
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])

@@ -77,10 +77,8 @@ def test_task_validation_and_config():
     assert RetrievalTask.from_config(task.get_config()).get_config() == task.get_config()
 
 
-def test_mirrored_strategy_gathers_negatives_across_replicas():
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "conftest configures two logical CPU devices"
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+def test_mirrored_strategy_gathers_negatives_across_replicas(mirrored_strategy):
+    strategy = mirrored_strategy
     task = RetrievalTask(temperature=0.7, remove_accidental_hits=True)
     single = float(task(tf.constant(Q), tf.constant(C), candidate_ids=tf.constant(IDS),
                         candidate_log_q=tf.constant(LOG_Q), sample_weight=tf.constant(W)))
@@ -214,10 +212,9 @@ def test_evaluation_callback_adds_validation_metrics():
         RetrievalEvaluation(lambda: {}, every=0)
 
 
-def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_split):
+def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_split, mirrored_strategy):
     from tfrec_recall import train as training
-    devices = tf.config.list_logical_devices("CPU")[:2]
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    strategy = mirrored_strategy
     config = load_config("youtube_dnn", overrides={"embedding_dim": 8, "output_dim": 8, "hidden_units": [8],
                                                    "logq_correction": True, "negatives": "mixed",
                                                    "num_negatives": 16, "estimator_buckets": 4096})
@@ -231,3 +228,15 @@ def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_sp
     assert np.all(np.isfinite(history.history["loss"]))
     # One estimator step per global batch, not per replica.
     assert float(model.frequency_estimator.step.numpy()) == steps
+
+
+def test_random_split_evaluation_groups_positives_per_user(small_data):
+    from tfrec_recall import train as training
+    from tfrec_recall.data import random_split
+    split = random_split(small_data, valid_fraction=0.1, test_fraction=0.2, history_length=5, seed=0)
+    assert split.test.user_id.duplicated().any()  # some users hold out several items
+    config = load_config("two_tower", overrides={"epochs": 1, "embedding_dim": 8, "output_dim": 8})
+    model = training.build_model(config, split)
+    metrics = training.evaluate(model, split, "test", ks=(10,))
+    assert metrics["users"] == split.test.user_id.nunique()
+    assert metrics["Recall@10"] <= metrics["HR@10"]

@@ -108,12 +108,16 @@ def evaluate(model: TwoTower, split: Split, which: str = "test", ks: Sequence[in
 def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "test",
                     ks: Sequence[int] = (10, 50, 100), progress: bool = False) -> Dict[str, float]:
     rows = getattr(split, which)
+    # One query per user; a user with several held-out items (random split) has them all as positives.
+    grouped = rows.groupby(USER_ID, sort=False)
+    positives_by_user = grouped[ITEM_ID].agg(list)
+    users = rows.drop_duplicates(USER_ID).reset_index(drop=True)
     items = split.data.items
     index = {item: i for i, item in enumerate(items)}
     candidates = embed(candidate_tower, corpus_arrays(split, candidate_tower.encoder.specs))
-    queries = embed(query_tower, feature_arrays(rows, split.data, query_tower.encoder.specs))
-    positives = [[index[i]] for i in rows[ITEM_ID]]
-    exclude = [[index[i] for i in split.train_items.get(u, [])] for u in rows[USER_ID]]
+    queries = embed(query_tower, feature_arrays(users, split.data, query_tower.encoder.specs))
+    positives = [[index[i] for i in positives_by_user[u]] for u in users[USER_ID]]
+    exclude = [[index[i] for i in split.train_items.get(u, [])] for u in users[USER_ID]]
     return full_corpus_metrics(queries, candidates, positives, exclude, ks=ks, progress=progress)
 
 

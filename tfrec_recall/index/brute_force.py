@@ -1,0 +1,32 @@
+"""Exact top-k by one matmul over all candidates, in stock TensorFlow ops (serves from stock TF Serving on CPU
+and GPU hosts). Candidates are stored in float32, or float16 / bfloat16 to halve memory and memory traffic
+(scores are computed in the storage precision and returned as float32)."""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfrec_recall.index.base import TopKIndex
+
+DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
+
+
+class BruteForce(TopKIndex):
+    def __init__(self, max_k: int = 100, storage_dtype: str = "float32", **kwargs):
+        super().__init__(max_k=max_k, **kwargs)
+        if storage_dtype not in DTYPES:
+            raise ValueError(f"storage_dtype must be one of {sorted(DTYPES)}, got {storage_dtype!r}")
+        self.storage_dtype = storage_dtype
+        self.candidates = None
+
+    def _build_index(self, embeddings: np.ndarray) -> None:
+        dtype = DTYPES[self.storage_dtype]
+        self.candidates = tf.Variable(tf.cast(embeddings, dtype), trainable=False, name="candidates")
+
+    def _search(self, queries, k):
+        scores = tf.linalg.matmul(tf.cast(queries, self.candidates.dtype), self.candidates, transpose_b=True)
+        top, rows = tf.math.top_k(tf.cast(scores, tf.float32), k=k)
+        return top, rows
+
+    def parameters(self):
+        return {**super().parameters(), "storage_dtype": self.storage_dtype}

@@ -1,0 +1,148 @@
+"""IVF: an inverted-file index in stock TensorFlow ops only, so it serves from stock ``tensorflow_model_server``
+on CPU and GPU hosts.
+
+Building: k-means (Lloyd's, on a sample) gives ``num_lists`` centroids; every candidate goes to its nearest
+centroid, except that a list holds at most ``capacity_factor`` times the mean list size: a candidate beyond
+that moves to its next-nearest list with room (balanced lists keep the padding small). Lists are stored as
+fixed-shape padded tensors: row indices ``[num_lists, capacity]`` (-1 pads) and vectors
+``[num_lists, capacity, dim]``.
+
+Querying: score the centroids by inner product, probe the ``num_probes`` best lists, re-score their candidates
+exactly, return the top k. Like any IVF over inner products, it suits L2-normalised (cosine) embeddings best.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from tfrec_recall.index.base import TopKIndex, _check_positive_int
+
+
+def _nearest(x: tf.Tensor, centroids: tf.Tensor, top: int = 1, chunk: int = 65536):
+    """Indices of the ``top`` nearest centroids (L2) for each row of x, computed in chunks."""
+    c_norm = tf.reduce_sum(centroids * centroids, axis=1)
+    out = []
+    for start in range(0, int(x.shape[0]), chunk):
+        block = x[start:start + chunk]
+        score = 2.0 * tf.linalg.matmul(block, centroids, transpose_b=True) - c_norm[None, :]
+        out.append(tf.math.top_k(score, k=top).indices.numpy())
+    return np.concatenate(out)
+
+
+def kmeans(x: np.ndarray, num_clusters: int, iterations: int = 15, sample_size: int = 200_000, seed: int = 0,
+           progress: bool = False) -> np.ndarray:
+    """Lloyd's k-means on a sample of x; empty clusters are re-seeded from random sample points."""
+    rng = np.random.default_rng(seed)
+    sample = x[rng.choice(len(x), size=min(len(x), sample_size), replace=False)]
+    centroids = sample[rng.choice(len(sample), size=num_clusters, replace=False)].copy()
+    sample_t = tf.constant(sample)
+    for _ in tqdm(range(iterations), desc="k-means", disable=not progress, leave=False):
+        assign = _nearest(sample_t, tf.constant(centroids))[:, 0]
+        sums = tf.math.unsorted_segment_sum(sample_t, assign, num_clusters).numpy()
+        counts = np.bincount(assign, minlength=num_clusters)
+        empty = counts == 0
+        centroids = np.where(empty[:, None], centroids, sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        if empty.any():
+            centroids[empty] = sample[rng.choice(len(sample), size=int(empty.sum()), replace=False)]
+    return centroids
+
+
+def balanced_assignment(x: np.ndarray, centroids: np.ndarray, capacity: int, choices: int = 8) -> np.ndarray:
+    """List of each row: the nearest centroid with room; rows closer to a centroid win its places."""
+    n, num_lists = len(x), len(centroids)
+    if capacity * num_lists < n:
+        raise ValueError(f"capacity {capacity} x {num_lists} lists cannot hold {n} candidates")
+    choices = min(choices, num_lists)
+    ranked = _nearest(tf.constant(x), tf.constant(centroids), top=choices)  # [n, choices]
+    assign = np.full(n, -1, dtype=np.int64)
+    load = np.zeros(num_lists, dtype=np.int64)
+    for c in range(choices):
+        todo = np.flatnonzero(assign < 0)
+        if len(todo) == 0:
+            break
+        target = ranked[todo, c]
+        dist = np.sum((x[todo] - centroids[target]) ** 2, axis=1)
+        order = np.lexsort((dist, target))  # by list, then closest first
+        todo, target = todo[order], target[order]
+        first = np.r_[0, np.flatnonzero(np.diff(target)) + 1]
+        rank_in_list = np.arange(len(todo)) - np.repeat(first, np.diff(np.r_[first, len(todo)]))
+        take = rank_in_list < (capacity - load[target])
+        assign[todo[take]] = target[take]
+        np.add.at(load, target[take], 1)
+    left = np.flatnonzero(assign < 0)
+    for row in left:  # rare: every preferred list is full; take the emptiest list
+        target = int(np.argmin(load))
+        assign[row] = target
+        load[target] += 1
+    return assign
+
+
+class IVF(TopKIndex):
+    def __init__(self, max_k: int = 100, num_lists: int = 1024, num_probes: int = 32, kmeans_iterations: int = 15,
+                 kmeans_sample_size: int = 200_000, capacity_factor: float = 1.5, seed: int = 0,
+                 progress: bool = False, **kwargs):
+        super().__init__(max_k=max_k, **kwargs)
+        self.num_lists = _check_positive_int("num_lists", num_lists)
+        self.num_probes = _check_positive_int("num_probes", num_probes)
+        if num_probes > num_lists:
+            raise ValueError(f"num_probes must be <= num_lists ({num_lists}), got {num_probes}")
+        self.kmeans_iterations = _check_positive_int("kmeans_iterations", kmeans_iterations)
+        self.kmeans_sample_size = _check_positive_int("kmeans_sample_size", kmeans_sample_size)
+        if not capacity_factor >= 1.0:
+            raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor!r}")
+        self.capacity_factor = float(capacity_factor)
+        self.seed, self.progress = seed, progress
+        self.capacity = 0
+
+    def _build_index(self, embeddings: np.ndarray) -> None:
+        n, d = embeddings.shape
+        if self.num_lists > n:
+            raise ValueError(f"num_lists ({self.num_lists}) must be <= the number of candidates ({n})")
+        centroids = kmeans(embeddings, self.num_lists, self.kmeans_iterations, self.kmeans_sample_size,
+                           self.seed, self.progress)
+        self.capacity = max(1, math.ceil(self.capacity_factor * n / self.num_lists))
+        assign = balanced_assignment(embeddings, centroids, self.capacity)
+        order = np.argsort(assign, kind="stable")
+        counts = np.bincount(assign, minlength=self.num_lists)
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        slot = np.arange(n) - np.repeat(starts, counts)
+        rows = np.full((self.num_lists, self.capacity), -1, dtype=np.int32)
+        rows[assign[order], slot] = order
+        vectors = np.zeros((self.num_lists, self.capacity, d), dtype=np.float32)
+        vectors[assign[order], slot] = embeddings[order]
+        # Recompute centroids as the means of the final (balanced) lists.
+        sums = np.zeros((self.num_lists, d), dtype=np.float64)
+        np.add.at(sums, assign, embeddings)
+        centroids = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
+        self.centroids = tf.Variable(centroids.astype(np.float32), trainable=False, name="centroids")
+        self.list_rows = tf.Variable(rows, trainable=False, name="list_rows")
+        self.list_vectors = tf.Variable(vectors, trainable=False, name="list_vectors")
+        self.fill_ratio = float(n / (self.num_lists * self.capacity))
+
+    def _search(self, queries, k):
+        probes = min(self.num_probes, self.num_lists)
+        depth = min(k, probes * self.capacity)
+        _, probe = tf.math.top_k(tf.linalg.matmul(queries, self.centroids, transpose_b=True), k=probes)
+
+        def one(args):
+            query, lists = args
+            vectors = tf.reshape(tf.gather(self.list_vectors, lists), [-1, self.dimension])
+            rows = tf.reshape(tf.gather(self.list_rows, lists), [-1])
+            scores = tf.linalg.matvec(vectors, query)
+            scores = tf.where(rows >= 0, scores, -np.inf)
+            top, where = tf.math.top_k(scores, k=depth)
+            return top, tf.gather(rows, where)
+
+        scores, rows = tf.map_fn(one, (queries, probe), fn_output_signature=(tf.float32, tf.int32))
+        if depth < k:
+            scores = tf.pad(scores, [[0, 0], [0, k - depth]], constant_values=-np.inf)
+            rows = tf.pad(rows, [[0, 0], [0, k - depth]], constant_values=-1)
+        return scores, rows
+
+    def parameters(self):
+        return {**super().parameters(), "num_lists": self.num_lists, "num_probes": self.num_probes,
+                "capacity": self.capacity, "capacity_factor": self.capacity_factor,
+                "kmeans_iterations": self.kmeans_iterations, "fill_ratio": getattr(self, "fill_ratio", None)}
