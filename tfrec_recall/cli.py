@@ -1,4 +1,4 @@
-"""The ``tfrec-recall`` command line: ``train``, ``evaluate`` and ``recommend``."""
+"""The ``tfrec-recall`` command line: ``train``, ``evaluate``, ``recommend``, ``export``, ``serve``, ``query``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,37 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--user-id", action="append", required=True, help="repeat for several users")
     recommend.add_argument("--k", type=int, default=10)
     recommend.add_argument("--data-dir", help="override the dataset location saved with the model")
+
+    export = sub.add_parser("export", help="export a trained model with a top-k index for TF Serving")
+    export.add_argument("--model-dir", required=True)
+    export.add_argument("--index", choices=("brute_force", "ivf", "scann"), default="brute_force")
+    export.add_argument("--export-dir-base", required=True, help="TF Serving model base path (versions inside)")
+    export.add_argument("--k", type=int, default=100)
+    export.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="brute force candidate storage")
+    export.add_argument("--ivf-lists", type=int, default=None, help="IVF lists (default: about sqrt(n))")
+    export.add_argument("--ivf-probes", type=int, default=None, help="IVF lists probed (default: lists / 8)")
+    export.add_argument("--scann-leaves", type=int, default=None)
+    export.add_argument("--scann-leaves-to-search", type=int, default=None)
+    export.add_argument("--data-dir", help="override the dataset location saved with the model")
+
+    serve = sub.add_parser("serve", help="local gRPC server with TF Serving's API over an export directory")
+    serve.add_argument("--model-dir", required=True, help="the export base path (version directories inside)")
+    serve.add_argument("--model-name", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8500, help="0 picks a free port (printed)")
+    serve.add_argument("--poll-seconds", type=float, default=2.0)
+    serve.add_argument("--max-batch-size", type=int, default=1024)
+    serve.add_argument("--workers", type=int, default=8)
+
+    query = sub.add_parser("query", help="query a served model over gRPC")
+    query.add_argument("--server", required=True, help="HOST:PORT")
+    query.add_argument("--model", required=True)
+    query.add_argument("--features", required=True,
+                       help='JSON object of input name -> list (one entry per query), e.g. '
+                            '\'{"history": [["i1", "i2"]], "segment": ["s3"]}\'; short lists are padded, '
+                            'missing inputs filled with "" / NaN')
+    query.add_argument("--timeout", type=float, default=5.0)
     return parser
 
 
@@ -119,13 +150,110 @@ def _recommend(args) -> int:
     return 0
 
 
+def _index_for(args, num_candidates: int):
+    import math
+    from tfrec_recall.index import IVF, BruteForce, ScaNN, ScaNNConfig
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
+    if args.index == "brute_force":
+        return BruteForce(max_k=args.k, storage_dtype=args.storage_dtype)
+    if args.index == "ivf":
+        lists = args.ivf_lists or max(1, min(num_candidates, int(round(4 * math.sqrt(num_candidates)))))
+        probes = args.ivf_probes or max(1, lists // 8)
+        return IVF(max_k=args.k, num_lists=lists, num_probes=min(probes, lists))
+    leaves = args.scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
+    to_search = args.scann_leaves_to_search or max(1, leaves // 10)
+    return ScaNN(ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)), max_k=args.k)
+
+
+def _export(args) -> int:
+    import numpy as np
+    import tensorflow as tf
+    from tfrec_recall import train as training
+    from tfrec_recall.export import export_retrieval_model
+    from tfrec_recall.features import feature_arrays
+    run = training.load_run(args.model_dir)
+    index = _index_for(args, len(run.candidate_ids))
+    path = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings), index=index,
+                                  export_dir_base=args.export_dir_base, k=args.k)
+    print(f"exported {args.index} index over {len(run.candidate_ids):,} candidates to {path}")
+    # Query the export the way a server would, for a few test users, and compare with the in-memory model.
+    split = split_from_args(_dataset_args(run.dataset, args.data_dir))
+    rows = split.test.head(3)
+    if len(rows):
+        features = feature_arrays(rows, split.data, run.query_tower.encoder.specs)
+        tensors = {name: tf.constant(value) for name, value in features.items()}
+        if args.index == "scann":
+            import scann  # noqa: F401  (registers the ScaNN ops for loading)
+        loaded = tf.saved_model.load(str(path))
+        out = loaded.signatures["serving_default"](**tensors)
+        history = loaded_history(path)
+        expected = index(run.query_tower(tensors), k=args.k, exclude=tensors[history] if history else None)
+        expected = expected[1].numpy()
+        same = bool(np.array_equal(out["item_ids"].numpy(), expected))
+        for user, ids, scores in zip(rows["user_id"], out["item_ids"].numpy(), out["scores"].numpy()):
+            top = ", ".join(f"{i.decode()} ({s:.3f})" for i, s in list(zip(ids, scores))[:5])
+            print(f"  user {user}: {top}")
+        print(f"exported model answers like the in-memory model: {same}")
+        if not same:
+            return 1
+    return 0
+
+
+def loaded_history(path) -> Optional[str]:
+    manifest = json.loads((Path(path) / "assets" / "manifest.json").read_text())
+    return manifest.get("exclude_history_feature")
+
+
+def _serve(args) -> int:
+    from tfrec_recall.serving.server import serve
+    serve(args.model_dir, args.model_name, host=args.host, port=args.port, poll_seconds=args.poll_seconds,
+          workers=args.workers, max_batch_size=args.max_batch_size)
+    return 0
+
+
+def _query(args) -> int:
+    import numpy as np
+    from tensorflow.core.framework import types_pb2
+    from tensorflow_serving.apis import get_model_metadata_pb2
+    from tfrec_recall.serving.client import GrpcClient
+    try:
+        features = json.loads(args.features)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--features is not valid JSON: {error}") from None
+    if not isinstance(features, dict) or not features:
+        raise ConfigError(f"--features must be a non-empty JSON object, got {args.features!r}")
+    with GrpcClient(args.server, args.model, timeout=args.timeout) as client:
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        client.metadata().metadata["signature_def"].Unpack(signature_map)
+        inputs = signature_map.signature_def["serving_default"].inputs
+        n = len(next(iter(features.values())))
+        prepared = {}
+        for name, info in inputs.items():
+            dims = [d.size for d in info.tensor_shape.dim]
+            is_string = info.dtype == types_pb2.DT_STRING
+            value = features.get(name)
+            if value is None:
+                value = [[""] * dims[1] if len(dims) == 2 else ("" if is_string else float("nan"))] * n
+            if len(dims) == 2:
+                value = [list(v)[:dims[1]] + [""] * (dims[1] - len(list(v)[:dims[1]])) for v in value]
+            prepared[name] = np.asarray(value, dtype=object if is_string else np.float32)
+        unknown = sorted(set(features) - set(inputs))
+        if unknown:
+            raise ConfigError(f"--features: unknown input {unknown[0]!r}; the model takes {sorted(inputs)}")
+        for row, results in enumerate(client.query(prepared)):
+            print(f"query {row}: " + ", ".join(f"{item} ({score:.3f})" for item, score in results))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "evaluate": _evaluate, "recommend": _recommend}
+    handlers = {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "export": _export,
+                "serve": _serve, "query": _query}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, KeyError, ValueError) as error:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"tfrec-recall {args.command}: error: {message}", file=sys.stderr)
         return 2

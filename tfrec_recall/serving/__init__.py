@@ -1,0 +1,1 @@
+"""Serving: gRPC and REST clients, and the local TF-Serving-compatible gRPC server."""

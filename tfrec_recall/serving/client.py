@@ -1,0 +1,163 @@
+"""Clients for exported retrieval models served by TF Serving (or ``tfrec-recall serve``).
+
+:class:`GrpcClient` speaks ``tensorflow.serving.PredictionService`` with a deadline per call, retries on
+UNAVAILABLE with exponential backoff, and splits large query batches into requests of ``max_batch_size``.
+:class:`RestClient` speaks TF Serving's REST API (``POST /v1/models/NAME[/versions/V]:predict``).
+Both return Python results: for each query a list of ``(item_id, score)`` pairs, best first.
+"""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+Results = List[List[Tuple[str, float]]]
+
+
+def _as_arrays(features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
+    if not features:
+        raise ValueError("features must name at least one input")
+    arrays = {}
+    for name, value in features.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "US" or array.dtype == object:
+            array = array.astype(object)
+        elif array.dtype.kind in "fiu":
+            array = array.astype(np.float32)
+        else:
+            raise ValueError(f"features[{name!r}]: unsupported dtype {array.dtype}")
+        if array.ndim == 0:
+            raise ValueError(f"features[{name!r}] must have a batch dimension, got a scalar")
+        arrays[name] = array
+    sizes = {name: len(a) for name, a in arrays.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"features must have the same batch size, got {sizes}")
+    return arrays
+
+
+def _results(ids: np.ndarray, scores: np.ndarray) -> Results:
+    out = []
+    for row_ids, row_scores in zip(ids, scores):
+        out.append([(i.decode() if isinstance(i, bytes) else str(i), float(s))
+                    for i, s in zip(row_ids, row_scores) if (i.decode() if isinstance(i, bytes) else str(i))])
+    return out
+
+
+class GrpcClient:
+    def __init__(self, target: str, model_name: str, *, signature_name: str = "serving_default",
+                 version: Optional[int] = None, timeout: float = 5.0, retries: int = 3, backoff: float = 0.1,
+                 max_batch_size: int = 256):
+        import grpc
+        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
+        self.model_name, self.signature_name, self.version = model_name, signature_name, version
+        self.timeout, self.retries, self.backoff, self.max_batch_size = timeout, retries, backoff, max_batch_size
+        self._grpc = grpc
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request):
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except self._grpc.RpcError as error:
+                if error.code() != self._grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+
+    def _spec(self, spec):
+        spec.name = self.model_name
+        if self.version is not None:
+            spec.version.value = self.version
+
+    def predict(self, features: Mapping[str, Sequence], signature_name: Optional[str] = None) -> Dict[str, np.ndarray]:
+        """Raw outputs of one signature for a batch of inputs, sent in chunks of ``max_batch_size``."""
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+        arrays = _as_arrays(features)
+        n = len(next(iter(arrays.values())))
+        chunks = []
+        for start in range(0, n, self.max_batch_size):
+            request = predict_pb2.PredictRequest()
+            self._spec(request.model_spec)
+            request.model_spec.signature_name = signature_name or self.signature_name
+            for name, array in arrays.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(array[start:start + self.max_batch_size]))
+            response = self._call(self.prediction.Predict, request)
+            chunks.append({name: tf.make_ndarray(proto) for name, proto in response.outputs.items()})
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def query(self, features: Mapping[str, Sequence]) -> Results:
+        out = self.predict(features)
+        return _results(out["item_ids"], out["scores"])
+
+    def status(self):
+        from tensorflow_serving.apis import get_model_status_pb2
+        request = get_model_status_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec)
+        return self._call(self.models.GetModelStatus, request)
+
+    def metadata(self):
+        from tensorflow_serving.apis import get_model_metadata_pb2
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        self._spec(request.model_spec)
+        request.metadata_field.append("signature_def")
+        return self._call(self.prediction.GetModelMetadata, request)
+
+
+class RestClient:
+    def __init__(self, base_url: str, model_name: str, *, signature_name: str = "serving_default",
+                 version: Optional[int] = None, timeout: float = 5.0, retries: int = 3, backoff: float = 0.1):
+        self.url = f"{base_url.rstrip('/')}/v1/models/{model_name}"
+        if version is not None:
+            self.url += f"/versions/{version}"
+        self.url += ":predict"
+        self.signature_name, self.timeout, self.retries, self.backoff = signature_name, timeout, retries, backoff
+
+    def predict(self, features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
+        arrays = _as_arrays(features)
+        body = json.dumps({"signature_name": self.signature_name,
+                           "inputs": {k: v.tolist() for k, v in arrays.items()}}).encode()
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as error:
+                if error.code != 503 or attempt == self.retries:
+                    detail = error.read().decode(errors="replace")[:500]
+                    raise RuntimeError(f"{self.url}: HTTP {error.code}: {detail}") from None
+            except urllib.error.URLError:
+                if attempt == self.retries:
+                    raise
+            time.sleep(delay)
+            delay *= 2
+        outputs = payload["outputs"]
+        return {k: np.asarray(v) for k, v in outputs.items()}
+
+    def query(self, features: Mapping[str, Sequence]) -> Results:
+        out = self.predict(features)
+        return _results(out["item_ids"], out["scores"])
