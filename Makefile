@@ -20,8 +20,10 @@ $(STAMP): requirements.lock setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tfrec-recall train --dataset synthetic --model youtube_dnn_mixed --epochs 5 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
-	$(VENV)/bin/tfrec-recall recommend --model-dir $$(ls -d runs/demo-* | tail -n 1) --user-id u0 --user-id u1 --k 10
+	@run=runs/demo-$$(date +%Y%m%d-%H%M%S); set -e; \
+	$(VENV)/bin/tfrec-recall train --dataset synthetic --model youtube_dnn_mixed --epochs 5 --out $$run; \
+	$(VENV)/bin/tfrec-recall recommend --model-dir $$run --user-id u0 --user-id u1 --k 10; \
+	$(VENV)/bin/tfrec-recall export --model-dir $$run --index ivf --k 100 --export-dir-base $$run/export
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 tests

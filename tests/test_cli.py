@@ -101,3 +101,14 @@ def test_bad_config_and_data_fail_with_one_line(tmp_path, capsys):
     assert "exists and is not an empty directory" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model-dir", str(tmp_path)]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+def test_export_command_writes_a_serving_version_and_queries_it(trained_run, tmp_path, capsys):
+    base = tmp_path / "exports"
+    assert cli.main(["export", "--model-dir", str(trained_run), "--index", "ivf", "--k", "20",
+                     "--export-dir-base", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert (base / "1" / "saved_model.pb").exists() and (base / "1" / "assets" / "manifest.json").exists()
+    assert "exported model answers like the in-memory model: True" in out
+    assert cli.main(["export", "--model-dir", str(trained_run), "--k", "0", "--export-dir-base", str(base)]) == 2
+    assert "--k must be >= 1, got 0" in capsys.readouterr().err

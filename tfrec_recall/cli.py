@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--k", type=int, default=100)
     export.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="brute force candidate storage")
-    export.add_argument("--ivf-lists", type=int, default=None, help="IVF lists (default: about sqrt(n))")
-    export.add_argument("--ivf-probes", type=int, default=None, help="IVF lists probed (default: lists / 8)")
+    export.add_argument("--ivf-lists", type=int, default=None, help="IVF lists (default: 2 sqrt(n))")
+    export.add_argument("--ivf-probes", type=int, default=None, help="IVF lists probed (default: 1 %% of lists, >= 12)")
     export.add_argument("--scann-leaves", type=int, default=None)
     export.add_argument("--scann-leaves-to-search", type=int, default=None)
     export.add_argument("--data-dir", help="override the dataset location saved with the model")
@@ -158,8 +158,9 @@ def _index_for(args, num_candidates: int):
     if args.index == "brute_force":
         return BruteForce(max_k=args.k, storage_dtype=args.storage_dtype)
     if args.index == "ivf":
-        lists = args.ivf_lists or max(1, min(num_candidates, int(round(4 * math.sqrt(num_candidates)))))
-        probes = args.ivf_probes or max(1, lists // 8)
+        # Defaults from benchmarks/serving.py: 2 sqrt(n) lists, 1 % of them probed (at least 12).
+        lists = args.ivf_lists or max(1, min(num_candidates, int(round(2 * math.sqrt(num_candidates)))))
+        probes = args.ivf_probes or max(12, lists // 100)
         return IVF(max_k=args.k, num_lists=lists, num_probes=min(probes, lists))
     leaves = args.scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
     to_search = args.scann_leaves_to_search or max(1, leaves // 10)
