@@ -110,7 +110,7 @@ def _plot(rows, path):
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0.394, color="grey", ls="--", lw=0.8)
-    ax.text(0.396, len(rows) - 0.6, "EASE HR@50", fontsize=7, color="grey")
+    ax.text(0.396, -0.75, "EASE HR@50", fontsize=7, color="grey", va="bottom")
     ax.set_xlabel("hit rate (ML-100K, leave-last-out, full corpus)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

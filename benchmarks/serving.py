@@ -14,7 +14,6 @@ import argparse
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import tfrec_recall  # noqa: E402,F401
+import tfrec_recall  # noqa: E402,F401  (selects tf-keras before TensorFlow)
 import tensorflow as tf  # noqa: E402
 
 from tfrec_recall.index import IVF, BruteForce, ScaNN, ScaNNConfig  # noqa: E402

@@ -1,6 +1,5 @@
 """Shared fixtures. Two logical CPU devices are configured before TensorFlow runs any op, so the
 MirroredStrategy test can run in the same (single) pytest process as everything else."""
-import os
 from pathlib import Path
 
 import pytest

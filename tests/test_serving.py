@@ -3,7 +3,6 @@ PredictionService / ModelService), bad requests, hot reload, retries, the REST c
 the same checks against a real tensorflow_model_server when one is on PATH."""
 import http.server
 import json
-import os
 import re
 import shutil
 import socket

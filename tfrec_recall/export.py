@@ -21,7 +21,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -30,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfrec_recall
+from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.features import HISTORY, MultiCategoricalFeature, NumericFeature, SequenceFeature
 from tfrec_recall.index import IVF, BruteForce, ScaNN, TopKIndex
 
@@ -148,10 +148,7 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
     if final.exists():
         raise FileExistsError(f"{final} exists; versions are never overwritten")
     module = RetrievalModule(query_tower, index, k, exclude_history)
-    tmp = base / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    done = False
-    try:
+    with atomic_directory(final, base / f".tmp-{version}-{os.getpid()}") as tmp:
         options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if isinstance(index, ScaNN) else None)
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve,
                                                           "serve_examples": module.serve_examples,
@@ -176,11 +173,6 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
         }
         (tmp / "assets").mkdir(exist_ok=True)
         (tmp / "assets" / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.rename(tmp, final)
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -195,10 +187,7 @@ def export_candidates(ids: Sequence[str], embeddings: np.ndarray, out_dir) -> Pa
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    done = False
-    try:
+    with atomic_directory(out) as tmp:
         np.save(tmp / "ids.npy", ids)
         np.save(tmp / "embeddings.npy", embeddings)
         with tf.io.TFRecordWriter(str(tmp / "candidates.tfrecord")) as writer:
@@ -207,11 +196,6 @@ def export_candidates(ids: Sequence[str], embeddings: np.ndarray, out_dir) -> Pa
                     "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[item.encode("utf-8")])),
                     "embedding": tf.train.Feature(float_list=tf.train.FloatList(value=vector.tolist())),
                 })).SerializeToString())
-        os.rename(tmp, out)
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

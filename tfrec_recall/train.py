@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +24,8 @@ import tensorflow as tf
 import yaml
 
 from tfrec_recall.config import RunConfig
-from tfrec_recall.data.schema import ITEM_ID, USER_ID, WEIGHT, InteractionData
+from tfrec_recall._atomic import atomic_directory
+from tfrec_recall.data.schema import ITEM_ID, USER_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.features import FeatureSpec, feature_arrays, specs_from_split
@@ -180,12 +179,10 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    done = False
-    try:
+    if out.exists():
+        out.rmdir()  # empty (checked above): the rename needs the name free
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
         model = result.model
         (tmp / "config.yaml").write_text(yaml.safe_dump({"config": config.to_dict(), "dataset": dict(dataset_args)},
                                                         sort_keys=False))
@@ -199,14 +196,6 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
                                                       "train_seconds": result.train_seconds}, indent=2))
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
         plot_history(result.history, tmp / "training.png")
-        if out.exists():
-            out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import numpy as np
 import tensorflow as tf
+
+from tfrec_recall._atomic import atomic_directory
 
 SPEC_FILE = "features.json"
 
@@ -80,10 +81,7 @@ def write_tfrecords(arrays: Mapping[str, np.ndarray], path, *, num_shards: int =
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite TFRecords")
     layout = _feature_layout(arrays)
-    tmp = path.with_name(path.name + ".tmp-" + str(os.getpid()))
-    tmp.mkdir(parents=True)
-    done = False
-    try:
+    with atomic_directory(path, path.with_name(path.name + ".tmp-" + str(os.getpid()))) as tmp:
         columns = {name: np.asarray(a) for name, a in arrays.items()}
         bounds = np.linspace(0, n, num_shards + 1).astype(int)
         for shard in range(num_shards):
@@ -102,11 +100,6 @@ def write_tfrecords(arrays: Mapping[str, np.ndarray], path, *, num_shards: int =
                             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=value.tolist()))
                     writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
         (tmp / SPEC_FILE).write_text(json.dumps(layout, indent=2))
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
     return layout
 
 

@@ -93,6 +93,10 @@ class TopKIndex(tf.keras.Model):
         top_scores, order = tf.math.top_k(scores, k=k)
         return top_scores, tf.gather(ids, order, batch_dims=1)
 
+    def get_config(self):
+        # An index is rebuilt with index(...), not from a config; the config describes it (Keras asks for one).
+        return self.parameters()
+
     def parameters(self) -> dict:
         """Index type and parameters, for export manifests."""
         return {"type": type(self).__name__, "max_k": self.max_k, "num_candidates": self.num_candidates,

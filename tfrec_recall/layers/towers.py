@@ -14,7 +14,7 @@ differ only by the body:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import tensorflow as tf
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 from typing import Dict, Optional
 
 import grpc
-import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      prediction_service_pb2_grpc, predict_pb2)
@@ -31,7 +29,7 @@ from tensorflow_serving.apis import status_pb2
 logger = logging.getLogger(__name__)
 
 try:  # registers the ScaNN ops so ScaNN exports load
-    import scann  # noqa: F401
+    import scann  # noqa: F401  (import registers the ops)
     HAVE_SCANN = True
 except ImportError:  # the server still serves brute-force and IVF exports
     HAVE_SCANN = False
@@ -194,7 +192,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if fields != {"signature_def"}:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                    f"metadata_field: only 'signature_def' is supported, got {sorted(fields)}")
-        from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+        from tensorflow.core.protobuf import saved_model_pb2
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString((loaded.path / "saved_model.pb").read_bytes())
         signature_map = get_model_metadata_pb2.SignatureDefMap()
