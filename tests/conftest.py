@@ -36,3 +36,16 @@ def mirrored_strategy():
     devices = tf.config.list_logical_devices("CPU")
     assert len(devices) >= 2, "two logical CPU devices are configured above"
     return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_split):
+    """A YouTubeDNN model trained for one epoch on the small split, with its corpus embeddings."""
+    from tfrec_recall import train as training
+    from tfrec_recall.config import load_config
+    config = load_config("youtube_dnn", overrides={"epochs": 1, "embedding_dim": 16, "output_dim": 16,
+                                                   "hidden_units": [16], "batch_size": 256})
+    model = training.train(config, small_split, evaluate_every=0, verbose=0).model
+    embeddings = training.embed(model.candidate_tower,
+                                training.corpus_arrays(small_split, model.candidate_tower.encoder.specs))
+    return model, small_split.data.items, embeddings

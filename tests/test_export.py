@@ -77,17 +77,10 @@ def test_index_validation_errors():
 
 
 @pytest.fixture(scope="module")
-def exported_model(small_split):
-    from tfrec_recall import train as training
-    from tfrec_recall.config import load_config
-    config = load_config("youtube_dnn", overrides={"epochs": 1, "embedding_dim": 16, "output_dim": 16,
-                                                   "hidden_units": [16], "batch_size": 256})
-    model = training.train(config, small_split, evaluate_every=0, verbose=0).model
-    items = small_split.data.items
-    embeddings = training.embed(model.candidate_tower,
-                                training.corpus_arrays(small_split, model.candidate_tower.encoder.specs))
-    rows = small_split.test.head(12)
-    features = training.feature_arrays(rows, small_split.data, model.query_tower.encoder.specs)
+def exported_model(tiny_model, small_split):
+    from tfrec_recall.features import feature_arrays
+    model, items, embeddings = tiny_model
+    features = feature_arrays(small_split.test.head(12), small_split.data, model.query_tower.encoder.specs)
     return model, items, embeddings, features
 
 

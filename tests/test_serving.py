@@ -25,15 +25,9 @@ AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, small_split):
+def served(tmp_path_factory, tiny_model, small_split):
     from tfrec_recall import train as training
-    from tfrec_recall.config import load_config
-    config = load_config("youtube_dnn", overrides={"epochs": 1, "embedding_dim": 8, "output_dim": 8,
-                                                   "hidden_units": [8], "batch_size": 256})
-    model = training.train(config, small_split, evaluate_every=0, verbose=0).model
-    items = small_split.data.items
-    embeddings = training.embed(model.candidate_tower,
-                                training.corpus_arrays(small_split, model.candidate_tower.encoder.specs))
+    model, items, embeddings = tiny_model
     base = tmp_path_factory.mktemp("serving") / "recall"
     export_retrieval_model(model, (items, embeddings), index=BruteForce(max_k=10), export_dir_base=base, k=10)
     features = training.feature_arrays(small_split.test.head(20), small_split.data, model.query_tower.encoder.specs)
