@@ -188,7 +188,7 @@ def _export(args) -> int:
             import scann  # noqa: F401  (registers the ScaNN ops for loading)
         loaded = tf.saved_model.load(str(path))
         out = loaded.signatures["serving_default"](**tensors)
-        history = loaded_history(path)
+        history = _history_feature(path)
         expected = index(run.query_tower(tensors), k=args.k, exclude=tensors[history] if history else None)
         expected = expected[1].numpy()
         same = bool(np.array_equal(out["item_ids"].numpy(), expected))
@@ -201,7 +201,7 @@ def _export(args) -> int:
     return 0
 
 
-def loaded_history(path) -> Optional[str]:
+def _history_feature(path) -> Optional[str]:
     manifest = json.loads((Path(path) / "assets" / "manifest.json").read_text())
     return manifest.get("exclude_history_feature")
 

@@ -32,6 +32,7 @@ import tfrec_recall
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.features import HISTORY, MultiCategoricalFeature, NumericFeature, SequenceFeature
 from tfrec_recall.index import IVF, BruteForce, ScaNN, TopKIndex
+from tfrec_recall._validation import require_positive_int
 
 OUTPUT_IDS = "item_ids"
 OUTPUT_SCORES = "scores"
@@ -129,8 +130,7 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
     query_tower = getattr(model, "query_tower", model)
     if not hasattr(query_tower, "encoder"):
         raise TypeError(f"model must be a TwoTower or a tfrec_recall tower, got {type(model).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    require_positive_int("k", k)
     ids, embeddings = np.asarray(candidates[0]).astype(str), np.asarray(candidates[1], dtype=np.float32)
     index = _as_index(index, k)
     if k > index.max_k:
@@ -142,8 +142,7 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
     base = Path(export_dir_base)
     base.mkdir(parents=True, exist_ok=True)
     version = _next_version(base) if version is None else version
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"version must be a positive integer, got {version!r}")
+    require_positive_int("version", version)
     final = base / str(version)
     if final.exists():
         raise FileExistsError(f"{final} exists; versions are never overwritten")

@@ -23,14 +23,10 @@ import pandas as pd
 import tensorflow as tf
 
 from tfrec_recall.data.schema import ITEM_ID, USER_ID, WEIGHT, InteractionData
+from tfrec_recall._validation import require_int
 
 HISTORY = "history"
 POOLINGS = ("mean", "recency")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +39,7 @@ class FeatureSpec:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"feature name must be a non-empty string, got {self.name!r}")
-        _check_int(f"{self.name}.embedding_dim", self.embedding_dim, 1)
+        require_int(f"{self.name}.embedding_dim", self.embedding_dim, 1)
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind}
@@ -76,12 +72,12 @@ class _Categorical(FeatureSpec):
                              f"(got vocabulary={'set' if self.vocabulary is not None else None}, "
                              f"hash_buckets={self.hash_buckets!r})")
         if self.hash_buckets is not None:
-            _check_int(f"{self.name}.hash_buckets", self.hash_buckets, 1)
+            require_int(f"{self.name}.hash_buckets", self.hash_buckets, 1)
         if self.vocabulary is not None:
             object.__setattr__(self, "vocabulary", tuple(str(v) for v in self.vocabulary))
             if len(self.vocabulary) == 0 or "" in self.vocabulary:
                 raise ValueError(f"{self.name}.vocabulary must be non-empty and must not contain ''")
-        _check_int(f"{self.name}.num_oov", self.num_oov, 1)
+        require_int(f"{self.name}.num_oov", self.num_oov, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +92,7 @@ class MultiCategoricalFeature(_Categorical):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int(f"{self.name}.max_len", self.max_len, 1)
+        require_int(f"{self.name}.max_len", self.max_len, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,8 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfrec_recall._validation import is_int
+
 LARGE_NEGATIVE = -1e9
 
 
@@ -45,9 +47,7 @@ class RetrievalTask(tfrs.tasks.Retrieval):
                  in_batch_negatives: bool = True, **kwargs):
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if num_hard_negatives is not None and (isinstance(num_hard_negatives, bool)
-                                               or not isinstance(num_hard_negatives, int)
-                                               or num_hard_negatives < 1):
+        if num_hard_negatives is not None and (not is_int(num_hard_negatives) or num_hard_negatives < 1):
             raise ValueError(f"num_hard_negatives must be None or a positive integer, got {num_hard_negatives!r}")
         name = kwargs.pop("name", None)
         super().__init__(temperature=None, remove_accidental_hits=False, num_hard_negatives=None, name=name)

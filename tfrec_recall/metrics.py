@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from tfrec_recall._validation import require_positive_int
+
 
 def _check_ks(ks: Sequence[int], num_candidates: int) -> List[int]:
     ks = sorted(set(int(k) for k in ks))
@@ -86,8 +88,7 @@ class RetrievalEvaluation(tf.keras.callbacks.Callback):
 
     def __init__(self, evaluate_fn, every: int = 1, prefix: str = "val_", keys: Optional[Sequence[str]] = None):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}")
+        require_positive_int("every", every)
         self.evaluate_fn, self.every, self.prefix, self.keys = evaluate_fn, every, prefix, keys
 
     def on_epoch_end(self, epoch, logs=None):

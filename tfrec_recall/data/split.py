@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tfrec_recall.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, InteractionData
+from tfrec_recall._validation import require_int
 
 ORDER = "_order"
 
@@ -41,11 +42,6 @@ def _sorted(data: InteractionData) -> pd.DataFrame:
     df = data.interactions.copy()
     df[ORDER] = np.arange(len(df))
     return df.sort_values([USER_ID, TIMESTAMP, ORDER], kind="mergesort").reset_index(drop=True)
-
-
-def _check_history_length(history_length: int) -> None:
-    if not isinstance(history_length, (int, np.integer)) or history_length < 1:
-        raise ValueError(f"history_length must be an integer >= 1, got {history_length!r}")
 
 
 def _build(data: InteractionData, df: pd.DataFrame, role: np.ndarray, history_length: int) -> Split:
@@ -75,7 +71,7 @@ def _build(data: InteractionData, df: pd.DataFrame, role: np.ndarray, history_le
 
 
 def leave_last_out(data: InteractionData, history_length: int = 50) -> Split:
-    _check_history_length(history_length)
+    require_int("history_length", history_length)
     df = _sorted(data)
     counts = df.groupby(USER_ID, sort=False)[ITEM_ID].transform("size").to_numpy()
     position_from_end = counts - 1 - df.groupby(USER_ID, sort=False).cumcount().to_numpy()
@@ -88,7 +84,7 @@ def leave_last_out(data: InteractionData, history_length: int = 50) -> Split:
 
 def random_split(data: InteractionData, valid_fraction: float = 0.1, test_fraction: float = 0.1,
                  history_length: int = 50, seed: int = 0) -> Split:
-    _check_history_length(history_length)
+    require_int("history_length", history_length)
     for name, value in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")

@@ -11,11 +11,7 @@ import numpy as np
 import pandas as pd
 
 from tfrec_recall.data.schema import ITEM_ID, TIMESTAMP, USER_ID, InteractionData
-
-
-def _positive(name: str, value, minimum=1):
-    if not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+from tfrec_recall._validation import require_int
 
 
 def make_synthetic(num_users: int = 2000, num_items: int = 1000, num_categories: int = 20,
@@ -23,11 +19,11 @@ def make_synthetic(num_users: int = 2000, num_items: int = 1000, num_categories:
                    category_imbalance: float = 1.0, stickiness: float = 0.8, noise: float = 0.1,
                    seed: int = 0) -> InteractionData:
     """Generates the synthetic default. Same arguments and seed, same data."""
-    _positive("num_users", num_users)
-    _positive("num_items", num_items, 2)
-    _positive("num_categories", num_categories)
-    _positive("mean_interactions", mean_interactions)
-    _positive("min_interactions", min_interactions)
+    require_int("num_users", num_users)
+    require_int("num_items", num_items, minimum=2)
+    require_int("num_categories", num_categories)
+    require_int("mean_interactions", mean_interactions)
+    require_int("min_interactions", min_interactions)
     if num_categories > num_items:
         raise ValueError(f"num_categories must be <= num_items ({num_items}), got {num_categories}")
     if min_interactions > num_items // 2:

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall._atomic import atomic_directory
+from tfrec_recall._validation import require_int
 
 SPEC_FILE = "features.json"
 
@@ -45,8 +46,7 @@ def to_tensors(arrays: Mapping[str, np.ndarray]) -> Dict[str, tf.Tensor]:
 def make_dataset(arrays: Mapping[str, np.ndarray], batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  drop_remainder: bool = False, repeat: bool = False) -> tf.data.Dataset:
     """A batched dataset of feature dictionaries. Shuffling is seeded and reshuffles each epoch."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    require_int("batch_size", batch_size)
     n = _check_columns(arrays)
     tensors = to_tensors(arrays)
     # Shuffle and batch row indices, then gather each batch's rows at once: much faster than shuffling
@@ -75,8 +75,7 @@ def write_tfrecords(arrays: Mapping[str, np.ndarray], path, *, num_shards: int =
     ``features.json`` (names, dtypes, widths). Written to a temporary directory and renamed, so a failure leaves
     no half-written output. Returns the layout."""
     n = _check_columns(arrays)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    require_int("num_shards", num_shards)
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite TFRecords")

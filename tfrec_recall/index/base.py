@@ -13,17 +13,13 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+from tfrec_recall._validation import require_positive_int
 
 
 class TopKIndex(tf.keras.Model):
     def __init__(self, max_k: int = 100, **kwargs):
         super().__init__(**kwargs)
-        self.max_k = _check_positive_int("max_k", max_k)
+        self.max_k = require_positive_int("max_k", max_k)
         self.ids: Optional[tf.Variable] = None
         self.num_candidates = 0
         self.dimension = 0
@@ -70,7 +66,7 @@ class TopKIndex(tf.keras.Model):
     def call(self, queries, k: Optional[int] = None, exclude: Optional[tf.Tensor] = None):
         if self.ids is None:
             raise ValueError(f"{type(self).__name__}: call index(ids, embeddings) before querying")
-        k = self.max_k if k is None else _check_positive_int("k", k)
+        k = self.max_k if k is None else require_positive_int("k", k)
         if k > self.max_k:
             raise ValueError(f"k must be <= max_k ({self.max_k}), got {k}")
         queries = tf.convert_to_tensor(queries, tf.float32)

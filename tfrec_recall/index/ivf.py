@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from tfrec_recall.index.base import TopKIndex, _check_positive_int
+from tfrec_recall._validation import require_positive_int
+from tfrec_recall.index.base import TopKIndex
 
 
 def _nearest(x: tf.Tensor, centroids: tf.Tensor, top: int = 1, chunk: int = 65536):
@@ -85,12 +86,12 @@ class IVF(TopKIndex):
                  kmeans_sample_size: int = 200_000, capacity_factor: float = 1.5, seed: int = 0,
                  progress: bool = False, **kwargs):
         super().__init__(max_k=max_k, **kwargs)
-        self.num_lists = _check_positive_int("num_lists", num_lists)
-        self.num_probes = _check_positive_int("num_probes", num_probes)
+        self.num_lists = require_positive_int("num_lists", num_lists)
+        self.num_probes = require_positive_int("num_probes", num_probes)
         if num_probes > num_lists:
             raise ValueError(f"num_probes must be <= num_lists ({num_lists}), got {num_probes}")
-        self.kmeans_iterations = _check_positive_int("kmeans_iterations", kmeans_iterations)
-        self.kmeans_sample_size = _check_positive_int("kmeans_sample_size", kmeans_sample_size)
+        self.kmeans_iterations = require_positive_int("kmeans_iterations", kmeans_iterations)
+        self.kmeans_sample_size = require_positive_int("kmeans_sample_size", kmeans_sample_size)
         if not capacity_factor >= 1.0:
             raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor!r}")
         self.capacity_factor = float(capacity_factor)

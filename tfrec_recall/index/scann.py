@@ -17,11 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall.index.base import TopKIndex
-
-
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"ScaNNConfig.{name} must be a positive integer, got {value!r}")
+from tfrec_recall._validation import require_positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +32,10 @@ class ScaNNConfig:
 
     def __post_init__(self):
         for name in ("num_leaves", "num_leaves_to_search", "training_iterations", "dimensions_per_block"):
-            _positive(name, getattr(self, name))
+            require_positive_int(f"ScaNNConfig.{name}", getattr(self, name))
         for name in ("training_sample_size", "num_reordering_candidates"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+                require_positive_int(f"ScaNNConfig.{name}", getattr(self, name))
         if self.num_leaves_to_search > self.num_leaves:
             raise ValueError(f"ScaNNConfig.num_leaves_to_search must be <= num_leaves ({self.num_leaves}), "
                              f"got {self.num_leaves_to_search}")

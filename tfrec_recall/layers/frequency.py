@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfrec_recall._validation import is_int, require_positive_int
+
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class StreamingFrequencyEstimator(tf.keras.layers.Layer):
@@ -25,9 +27,8 @@ class StreamingFrequencyEstimator(tf.keras.layers.Layer):
                  initial_steps: float = 0.0, **kwargs):
         kwargs.pop("trainable", None)
         super().__init__(trainable=False, **kwargs)
-        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
-            raise ValueError(f"num_buckets must be a positive integer, got {num_buckets!r}")
-        if isinstance(num_hashes, bool) or not isinstance(num_hashes, int) or not 1 <= num_hashes <= 16:
+        require_positive_int("num_buckets", num_buckets)
+        if not is_int(num_hashes) or not 1 <= num_hashes <= 16:
             raise ValueError(f"num_hashes must be an integer in [1, 16], got {num_hashes!r}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
@@ -84,7 +85,11 @@ class StreamingFrequencyEstimator(tf.keras.layers.Layer):
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
         """Estimated per-step probability p(y) of each id, shape ``[n]``."""
-        buckets = self.hash(ids)
+        return self.probability_from_buckets(self.hash(ids))
+
+    def probability_from_buckets(self, buckets: tf.Tensor) -> tf.Tensor:
+        """:meth:`call` on precomputed buckets ``[num_hashes, n]`` (training hashes each batch once)."""
+        buckets = tf.cast(buckets, tf.int64)
         index = tf.stack([tf.repeat(tf.range(self.num_hashes, dtype=tf.int64)[:, None], tf.shape(buckets)[1],
                                     axis=1), buckets], axis=-1)
         period = tf.reduce_max(tf.gather_nd(self.period, index), axis=0)

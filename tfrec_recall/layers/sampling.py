@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall.data.tfdata import to_tensors
+from tfrec_recall._validation import require_positive_int
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
@@ -34,8 +35,7 @@ class CorpusNegativeSampler(tf.keras.layers.Layer):
         for name, a in arrays.items():
             if len(a) != n:
                 raise ValueError(f"candidate_features[{name!r}] has {len(a)} rows, expected {n}")
-        if isinstance(num_negatives, bool) or not isinstance(num_negatives, int) or num_negatives < 1:
-            raise ValueError(f"num_negatives must be a positive integer, got {num_negatives!r}")
+        require_positive_int("num_negatives", num_negatives)
         if not beta >= 0.0:
             raise ValueError(f"beta must be >= 0, got {beta!r}")
         if counts is None:

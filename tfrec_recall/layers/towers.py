@@ -19,13 +19,14 @@ from typing import List, Sequence
 import tensorflow as tf
 
 from tfrec_recall.features import FeatureEncoder, SequenceFeature, SpecLike
+from tfrec_recall._validation import is_int, require_int, require_positive_int
 
 ACTIVATIONS = ("relu", "gelu", "swish", "tanh")
 
 
 def _check_units(name: str, units) -> tuple:
     units = tuple(units)
-    if any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
+    if any(not is_int(u) or u < 1 for u in units):
         raise ValueError(f"{name} must be a sequence of positive integers, got {list(units)!r}")
     return units
 
@@ -36,8 +37,7 @@ class Tower(tf.keras.Model):
     def __init__(self, features: Sequence[SpecLike], output_dim: int = 64, l2_normalize: bool = True,
                  dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(output_dim, bool) or not isinstance(output_dim, int) or output_dim < 1:
-            raise ValueError(f"output_dim must be a positive integer, got {output_dim!r}")
+        require_positive_int("output_dim", output_dim)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.encoder = FeatureEncoder(features, name="features")
@@ -143,8 +143,7 @@ class ResidualTower(Tower):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         _check_units("width", [width])
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
-            raise ValueError(f"num_blocks must be an integer >= 0, got {num_blocks!r}")
+        require_int("num_blocks", num_blocks, minimum=0)
         self.width, self.num_blocks, self.activation = width, num_blocks, activation
         self.input_projection = tf.keras.layers.Dense(width, name="input_projection")
         self.blocks = [(tf.keras.layers.Dense(width, activation=activation, name=f"block_{i}_a"),

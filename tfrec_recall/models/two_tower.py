@@ -53,14 +53,16 @@ class TwoTower(tfrs.Model):
     def _candidate_log_q(self, ids, training):
         if self.frequency_estimator is None:
             return None
-        if training:
-            buckets = self.frequency_estimator.hash(ids)
-            ctx = tf.distribute.get_replica_context()
-            if ctx is not None and ctx.num_replicas_in_sync > 1:
-                buckets = ctx.all_gather(buckets, axis=1)  # every replica records the same global batch
-            with tf.control_dependencies([self.frequency_estimator.update_buckets(buckets)]):
-                return tf.math.log(self.frequency_estimator(ids))
-        return tf.math.log(self.frequency_estimator(ids))
+        estimator = self.frequency_estimator
+        buckets = estimator.hash(ids)  # hashed once per step, for both the update and the lookup
+        if not training:
+            return tf.math.log(estimator.probability_from_buckets(buckets))
+        seen = buckets
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            seen = ctx.all_gather(buckets, axis=1)  # every replica records the same global batch
+        with tf.control_dependencies([estimator.update_buckets(seen)]):
+            return tf.math.log(estimator.probability_from_buckets(buckets))
 
     def compute_loss(self, features, training=False):
         query = self.query_tower(features, training=training)

@@ -40,10 +40,11 @@ def _as_arrays(features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
 
 
 def _results(ids: np.ndarray, scores: np.ndarray) -> Results:
+    """Rows of (item_id, score), dropping the "" padding ids."""
     out = []
     for row_ids, row_scores in zip(ids, scores):
-        out.append([(i.decode() if isinstance(i, bytes) else str(i), float(s))
-                    for i, s in zip(row_ids, row_scores) if (i.decode() if isinstance(i, bytes) else str(i))])
+        names = [i.decode() if isinstance(i, bytes) else str(i) for i in row_ids]
+        out.append([(name, float(score)) for name, score in zip(names, row_scores) if name])
     return out
 
 

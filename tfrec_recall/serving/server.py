@@ -42,6 +42,14 @@ class LoadedVersion:
         self.model = tf.saved_model.load(str(path))
         self.signatures = dict(self.model.signatures)
         self.input_specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
+        # SignatureDefs for GetModelMetadata, parsed once at load.
+        from tensorflow.core.protobuf import saved_model_pb2
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        self.signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature in proto.meta_graphs[0].signature_def.items():
+            if name != "__saved_model_init_op":
+                self.signature_map.signature_def[name].CopyFrom(signature)
 
 
 class ModelRepository:
@@ -55,38 +63,47 @@ class ModelRepository:
         self.poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self.current: Optional[LoadedVersion] = None
-        self.status: Dict[int, tuple] = {}  # version -> (state, error message or "")
+        self._status: Dict[int, tuple] = {}  # version -> (state, error message or ""); guarded by _lock
         self._stop = threading.Event()
         self.refresh()
         if self.current is None:
-            tried = "; ".join(f"version {v}: {e}" for v, (_, e) in sorted(self.status.items()))
+            tried = "; ".join(f"version {v}: {e}" for v, (_, e) in sorted(self.status().items()))
             raise RuntimeError(f"no loadable version under {self.base_path} ({tried or 'no version directories'})")
 
     def versions_on_disk(self):
         return sorted(int(p.name) for p in self.base_path.iterdir()
                       if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists())
 
+    def status(self) -> Dict[int, tuple]:
+        """A snapshot of every version seen: version -> (state, error message)."""
+        with self._lock:
+            return dict(self._status)
+
+    def _set_status(self, version: int, state: str, error: str = "") -> None:
+        with self._lock:
+            self._status[version] = (state, error)
+
     def refresh(self) -> None:
         """Loads the newest version not tried yet; keeps the current one if it fails."""
         for version in sorted(self.versions_on_disk(), reverse=True):
             if self.current is not None and version <= self.current.version:
                 return
-            if version in self.status and self.status[version][0] == "END":
+            if self.status().get(version, ("",))[0] == "END":
                 continue  # failed before; not retried
             try:
-                self.status[version] = ("LOADING", "")
+                self._set_status(version, "LOADING")
                 loaded = LoadedVersion(version, self.base_path / str(version))
             except Exception as error:  # a broken version must not take the server down
                 message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 logger.error("model %s version %d failed to load: %s", self.name, version, message)
-                self.status[version] = ("END", message)
+                self._set_status(version, "END", message)
                 continue
             with self._lock:
                 previous = self.current
                 self.current = loaded
-                self.status[version] = ("AVAILABLE", "")
+                self._status[version] = ("AVAILABLE", "")
                 if previous is not None:
-                    self.status[previous.version] = ("END", "")
+                    self._status[previous.version] = ("END", "")
             logger.warning("model %s: serving version %d", self.name, version)
             return
 
@@ -192,17 +209,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if fields != {"signature_def"}:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                    f"metadata_field: only 'signature_def' is supported, got {sorted(fields)}")
-        from tensorflow.core.protobuf import saved_model_pb2
-        proto = saved_model_pb2.SavedModel()
-        proto.ParseFromString((loaded.path / "saved_model.pb").read_bytes())
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature in proto.meta_graphs[0].signature_def.items():
-            if name != "__saved_model_init_op":
-                signature_map.signature_def[name].CopyFrom(signature)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = self.repository.name
         response.model_spec.version.value = loaded.version
-        response.metadata["signature_def"].Pack(signature_map)
+        response.metadata["signature_def"].Pack(loaded.signature_map)
         return response
 
 
@@ -219,7 +229,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             _abort(context, grpc.StatusCode.NOT_FOUND, f"model_spec.name: unknown model {request.model_spec.name!r}")
         wanted = request.model_spec.version.value if request.model_spec.HasField("version") else None
         response = get_model_status_pb2.GetModelStatusResponse()
-        items = sorted(self.repository.status.items())
+        items = sorted(self.repository.status().items())
         if wanted is not None:
             items = [(v, s) for v, s in items if v == wanted]
             if not items:

@@ -1,0 +1,22 @@
+"""Argument checks shared by every constructor: errors name the argument and the value received."""
+from __future__ import annotations
+
+import numbers
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def require_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` must be an integer >= ``minimum`` (message: "NAME must be an integer >= MIN, got VALUE")."""
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def require_positive_int(name: str, value) -> int:
+    """``value`` must be an integer >= 1 (message: "NAME must be a positive integer, got VALUE")."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
