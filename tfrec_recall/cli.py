@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                             '\'{"history": [["i1", "i2"]], "segment": ["s3"]}\'; short lists are padded, '
                             'missing inputs filled with "" / NaN')
     query.add_argument("--timeout", type=float, default=5.0)
+    # Commands contributed by other installed packages (e.g. ``pipeline`` from pipelines/): the entry point
+    # group "tfrec_recall.commands" names functions that add their subparsers and set ``handler``.
+    from importlib.metadata import entry_points
+    for entry in sorted(entry_points(group="tfrec_recall.commands"), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 
@@ -150,31 +155,18 @@ def _recommend(args) -> int:
     return 0
 
 
-def _index_for(args, num_candidates: int):
-    import math
-    from tfrec_recall.index import IVF, BruteForce, ScaNN, ScaNNConfig
-    if args.k < 1:
-        raise ConfigError(f"--k must be >= 1, got {args.k}")
-    if args.index == "brute_force":
-        return BruteForce(max_k=args.k, storage_dtype=args.storage_dtype)
-    if args.index == "ivf":
-        # Defaults from benchmarks/serving.py: 2 sqrt(n) lists, 1 % of them probed (at least 12).
-        lists = args.ivf_lists or max(1, min(num_candidates, int(round(2 * math.sqrt(num_candidates)))))
-        probes = args.ivf_probes or max(12, lists // 100)
-        return IVF(max_k=args.k, num_lists=lists, num_probes=min(probes, lists))
-    leaves = args.scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
-    to_search = args.scann_leaves_to_search or max(1, leaves // 10)
-    return ScaNN(ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)), max_k=args.k)
-
-
 def _export(args) -> int:
     import numpy as np
     import tensorflow as tf
     from tfrec_recall import train as training
-    from tfrec_recall.export import export_retrieval_model
+    from tfrec_recall.export import export_retrieval_model, make_index
     from tfrec_recall.features import feature_arrays
+    if args.k < 1:
+        raise ConfigError(f"--k must be >= 1, got {args.k}")
     run = training.load_run(args.model_dir)
-    index = _index_for(args, len(run.candidate_ids))
+    index = make_index(args.index, args.k, len(run.candidate_ids), storage_dtype=args.storage_dtype,
+                       ivf_lists=args.ivf_lists, ivf_probes=args.ivf_probes, scann_leaves=args.scann_leaves,
+                       scann_leaves_to_search=args.scann_leaves_to_search)
     path = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings), index=index,
                                   export_dir_base=args.export_dir_base, k=args.k)
     print(f"exported {args.index} index over {len(run.candidate_ids):,} candidates to {path}")
@@ -252,8 +244,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "export": _export,
                 "serve": _serve, "query": _query}
+    handler = handlers.get(args.command) or args.handler
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except (ConfigError, DataError, FileExistsError, FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"tfrec-recall {args.command}: error: {message}", file=sys.stderr)

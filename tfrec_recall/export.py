@@ -121,6 +121,28 @@ def _as_index(index: Union[str, TopKIndex], k: int) -> TopKIndex:
     return INDEXES[index](max_k=k)
 
 
+def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
+               ivf_lists: Optional[int] = None, ivf_probes: Optional[int] = None,
+               scann_leaves: Optional[int] = None, scann_leaves_to_search: Optional[int] = None) -> TopKIndex:
+    """An unbuilt index of ``kind`` (brute_force, ivf, scann) for ``num_candidates`` candidates, with the
+    defaults measured in benchmarks/serving.py where a size is not given."""
+    import math
+    from tfrec_recall.index import ScaNNConfig
+    if kind not in INDEXES:
+        raise ValueError(f"index must be one of {sorted(INDEXES)}, got {kind!r}")
+    require_positive_int("k", k)
+    if kind == "brute_force":
+        return BruteForce(max_k=k, storage_dtype=storage_dtype)
+    if kind == "ivf":
+        # 2 sqrt(n) lists, 1 % of them probed (at least 12).
+        lists = ivf_lists or max(1, min(num_candidates, int(round(2 * math.sqrt(num_candidates)))))
+        probes = ivf_probes or max(12, lists // 100)
+        return IVF(max_k=k, num_lists=lists, num_probes=min(probes, lists))
+    leaves = scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
+    to_search = scann_leaves_to_search or max(1, leaves // 10)
+    return ScaNN(ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)), max_k=k)
+
+
 def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], *,
                            index: Union[str, TopKIndex] = "brute_force", export_dir_base, k: int = 100,
                            version: Optional[int] = None, exclude_history: bool = True) -> Path:

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ import yaml
 
 from tfrec_recall.config import RunConfig
 from tfrec_recall._atomic import atomic_directory
+from tfrec_recall._validation import require_positive_int
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.tfdata import make_dataset
@@ -134,19 +135,26 @@ class TrainResult:
 
 
 def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
-          callbacks: Sequence[tf.keras.callbacks.Callback] = ()) -> TrainResult:
+          callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None) -> TrainResult:
     """Builds and fits a model on ``split.train``; reports validation metrics each ``evaluate_every`` epochs
-    (0: never) and returns test metrics."""
+    (0: never) and returns test metrics. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains
+    exactly that many batches as one epoch instead of ``config.epochs`` passes."""
+    if max_steps is not None:
+        require_positive_int("max_steps", max_steps)
     set_seed(config.seed)
     model = build_model(config, split)
     model.compile(optimizer=_optimizer(config))
-    dataset = make_dataset(training_arrays(model, split), config.batch_size, shuffle=True, seed=config.seed)
+    dataset = make_dataset(training_arrays(model, split), config.batch_size, shuffle=True, seed=config.seed,
+                           repeat=max_steps is not None)
+    epochs = config.epochs
+    if max_steps is not None:
+        dataset, epochs = dataset.take(max_steps), 1
     callbacks = list(callbacks)
     if evaluate_every and len(split.valid):
         callbacks.append(RetrievalEvaluation(lambda: evaluate(model, split, "valid", config.ks), every=evaluate_every,
                                              keys=[f"HR@{k}" for k in config.ks] + [f"NDCG@{config.ks[0]}"]))
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=config.epochs, verbose=verbose, callbacks=callbacks)
+    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks)
     seconds = time.perf_counter() - start
     metrics = evaluate(model, split, "test", config.ks) if len(split.test) else {}
     return TrainResult(model, {k: [float(x) for x in v] for k, v in history.history.items()}, metrics, seconds)
@@ -207,6 +215,16 @@ class LoadedRun:
     candidate_tower: tf.keras.Model
     candidate_ids: np.ndarray
     candidate_embeddings: np.ndarray
+
+
+def load_run_config(model_dir) -> RunConfig:
+    """The RunConfig saved with a run, without loading its models."""
+    from tfrec_recall.config import from_dict
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--model-dir {str(model_dir)!r} has no config.yaml: not a directory written by "
+                                "`tfrec-recall train`")
+    return from_dict(yaml.safe_load(path.read_text())["config"])
 
 
 def load_run(model_dir) -> LoadedRun:

@@ -1,0 +1,146 @@
+"""``tfrec-recall pipeline run|compile``: registered into the library's CLI through the ``tfrec_recall.commands``
+entry point (setup.cfg), so the library never imports this package. tfx is imported only when a pipeline
+command runs."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+BUILTIN_DATA = ("synthetic", "ml-100k")
+
+
+def _threshold(text: str):
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METRIC=VALUE (e.g. HR@50=0.1), got {text!r}") from None
+
+
+def _common(parser) -> None:
+    parser.add_argument("--data", required=True,
+                        help=f"a directory of interaction CSVs (or TFRecords with --data-format tfrecord), or a "
+                             f"built-in dataset: {', '.join(BUILTIN_DATA)} (written as CSV under the pipeline root)")
+    parser.add_argument("--data-dir", help="for --data ml-100k: the MovieLens directory (default ../shared/data/ml-100k)")
+    parser.add_argument("--pipeline-root", required=True, help="where the pipeline writes its artifacts")
+    parser.add_argument("--serving-dir", required=True, help="model base path that blessed models are pushed to")
+    parser.add_argument("--pipeline-name", default="tfrec-recall")
+    parser.add_argument("--data-format", choices=("csv", "tfrecord"), default="csv")
+    parser.add_argument("--id-type", choices=("string", "int"), default=None,
+                        help="type of user/item ids in the input (default: string; int for ml-100k)")
+    parser.add_argument("--schema", help="a TFDV schema .pbtxt replacing the packaged interaction schema")
+    parser.add_argument("--model", default="youtube_dnn_mixed", help="configuration preset")
+    parser.add_argument("--config", help="YAML file overriding the preset's configuration keys")
+    parser.add_argument("--epochs", type=int, help="override the configuration's epochs")
+    parser.add_argument("--train-steps", type=int, help="train exactly this many batches (TFX num_steps)")
+    parser.add_argument("--history-length", type=int, default=50)
+    parser.add_argument("--threshold", type=_threshold, action="append", default=None, metavar="METRIC=VALUE",
+                        help="bless only at or above this value (repeatable; default HR@50=0.05)")
+    parser.add_argument("--margin", type=float, default=0.01,
+                        help="largest drop below the latest blessed model's HR@50 / NDCG@10 still blessed")
+    parser.add_argument("--index", choices=("brute_force", "ivf", "scann"), default="brute_force")
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--beam-arg", action="append", default=[], metavar="ARG",
+                        help="Beam pipeline argument, repeatable; write it with '=', e.g. "
+                             "--beam-arg=--runner=FlinkRunner --beam-arg=--direct_num_workers=2")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("pipeline", help="run the TFX pipeline locally or compile it for Kubeflow V2")
+    sub = parser.add_subparsers(dest="pipeline_command", required=True, parser_class=type(parser))
+    run = sub.add_parser("run", help="run the pipeline with LocalDagRunner (Beam DirectRunner, SQLite MLMD)")
+    _common(run)
+    run.add_argument("--no-cache", action="store_true", help="re-execute every component")
+    run.set_defaults(handler=_run)
+    compile_ = sub.add_parser("compile", help="compile the pipeline to an orchestrator's spec")
+    _common(compile_)
+    compile_.add_argument("--target", choices=("kubeflow-v2",), required=True)
+    compile_.add_argument("--output", required=True, help="the JSON spec file to write")
+    compile_.add_argument("--image", default=None, help="container image with tfrec_recall installed")
+    compile_.set_defaults(handler=_compile)
+
+
+def _config_overrides(args) -> Dict:
+    import yaml
+    from tfrec_recall.config import load_config
+    overrides = {}
+    if args.config:
+        load_config(args.model, args.config)  # validates the file (one-line errors naming the key)
+        overrides.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    return overrides
+
+
+def materialise(name: str, pipeline_root: str, data_dir=None) -> str:
+    """Writes a built-in dataset as the pipeline's input CSV under ``<pipeline_root>/data/<name>/`` once
+    (later runs reuse the file, so ExampleGen's cache holds) and returns that directory."""
+    from tfrec_recall.data.protocol import write_interactions_csv
+    from tfrec_recall.data.registry import load_dataset
+    target = Path(pipeline_root) / "data" / name
+    if not (target / "interactions.csv").exists():
+        data = load_dataset(name, data_dir)
+        write_interactions_csv(data, target / "interactions.csv")
+    return str(target)
+
+
+def _build(args, metadata: bool):
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from pipelines.pipeline import create_pipeline
+    from pipelines.runners import metadata_path
+    for flag, value in (("--k", args.k), ("--history-length", args.history_length)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    data, id_type = args.data, args.id_type
+    if data in BUILTIN_DATA:
+        data = materialise(data, args.pipeline_root, args.data_dir)
+        id_type = id_type or ("int" if args.data == "ml-100k" else "string")
+    elif not (data.startswith("gs://") or os.path.isdir(data)):
+        raise FileNotFoundError(f"--data {data!r} is neither a directory nor one of {BUILTIN_DATA}")
+    return create_pipeline(
+        pipeline_name=args.pipeline_name, pipeline_root=args.pipeline_root, data_root=data,
+        serving_dir=args.serving_dir, data_format=args.data_format, id_type=id_type or "string",
+        schema_file=args.schema, history_length=args.history_length, preset=args.model,
+        config=_config_overrides(args), train_steps=args.train_steps,
+        thresholds=dict(args.threshold) if args.threshold else None, margin=args.margin, index=args.index,
+        k=args.k, enable_cache=not getattr(args, "no_cache", False),
+        metadata_path=metadata_path(args.pipeline_root) if metadata else None, beam_pipeline_args=args.beam_arg)
+
+
+def _run(args) -> int:
+    from pipelines.runners import executions, metadata_path, run_local
+    pipeline = _build(args, metadata=True)
+    start = time.time()
+    run_local(pipeline)
+    seconds = time.time() - start
+    records = executions(metadata_path(args.pipeline_root), args.pipeline_name)
+    last = [e for e in records if e.run_id == records[-1].run_id]
+    print(f"pipeline {args.pipeline_name}: run {last[-1].run_id} finished in {seconds:.0f} s")
+    for e in last:
+        print(f"  {e.component:<32} {e.state:<9} {e.seconds:7.1f} s")
+    verdict = {e.component: e for e in last}
+    blessing = verdict.get("RetrievalEvaluator")
+    if blessing is not None:
+        b = blessing.outputs.get("blessing", {})
+        print(f"evaluation report: {blessing.outputs.get('evaluation', {}).get('uri')}/report.html; "
+              f"blessed: {bool(b.get('blessed'))}")
+    pushed = verdict.get("Pusher")
+    if pushed is not None:
+        p = pushed.outputs.get("pushed_model", {})
+        print(f"pushed: {bool(p.get('pushed'))}" + (f" to {p.get('pushed_destination')}" if p.get("pushed") else
+                                                   f"; {args.serving_dir} keeps its previous versions"))
+    return 0
+
+
+def _compile(args) -> int:
+    from pipelines.runners import DEFAULT_IMAGE, compile_kubeflow_v2
+    pipeline = _build(args, metadata=False)
+    out = compile_kubeflow_v2(pipeline, args.output, image=args.image or DEFAULT_IMAGE)
+    print(f"wrote the Kubeflow V2 pipeline spec to {out}")
+    return 0

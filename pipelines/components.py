@@ -1,0 +1,155 @@
+"""Custom TFX components of the retrieval pipeline, as ``@component`` functions with typed artifacts.
+
+The work is done by library functions (``tfrec_recall.pipeline_steps`` and ``tfrec_recall.data.protocol``);
+these wrappers only move artifacts and record results in ML Metadata.
+
+* ``ProtocolSplit``: refuses to go on when ExampleValidator found anomalies (the error lists them), then splits
+  the validated interactions by PROTOCOL.md with causal history in a Beam transform -> train / eval / test.
+* ``RetrievalEvaluator``: full-corpus HR@K, Recall@K, NDCG@K and coverage of the trained model on the eval and test
+  splits (and of the latest blessed model, when the Resolver found one, on the same data); blesses by absolute
+  thresholds and by not falling behind the baseline by more than a margin. Writes metrics.json, report.html and
+  report.png.
+* ``RetrievalExporter``: the SavedModel with the index inside (``Format-Serving``), in TF Serving's layout.
+* ``ExportInfraCheck``: loads that export in a fresh process and answers one request; an ``InfraBlessing``.
+"""
+# No "from __future__ import annotations": TFX reads the component signatures at definition time.
+
+import glob
+import json
+import os
+from typing import Dict, List, Optional
+
+import apache_beam as beam
+from tfx import v1 as tfx
+from tfx.dsl.component.experimental.annotations import BeamComponentParameter
+from tfx.types import artifact_utils
+from tfx.types.standard_artifacts import ExampleAnomalies, Examples, InfraBlessing, Model, ModelBlessing, ModelEvaluation
+
+from tfrec_recall.data.protocol import SPLITS
+
+InputArtifact = tfx.dsl.components.InputArtifact
+OutputArtifact = tfx.dsl.components.OutputArtifact
+Parameter = tfx.dsl.components.Parameter
+
+SERVING_SUBDIR = "Format-Serving"  # where TFX's Pusher looks for a Model artifact's SavedModel
+
+
+class AnomaliesFound(RuntimeError):
+    """ExampleValidator found the data does not match the schema."""
+
+
+def anomaly_report(anomalies_uri: str) -> List[str]:
+    """One line per anomaly of an ExampleAnomalies artifact: ``split: column: short (description)``."""
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+    lines = []
+    for path in sorted(glob.glob(os.path.join(anomalies_uri, "Split-*", "SchemaDiff.pb"))):
+        split = os.path.basename(os.path.dirname(path))[len("Split-"):]
+        proto = anomalies_pb2.Anomalies()
+        with open(path, "rb") as f:
+            proto.ParseFromString(f.read())
+        for column, info in sorted(proto.anomaly_info.items()):
+            lines.append(f"{split}: column {column!r}: {info.short_description} ({info.description})")
+        if proto.HasField("dataset_anomaly_info"):
+            info = proto.dataset_anomaly_info
+            lines.append(f"{split}: dataset: {info.short_description} ({info.description})")
+    return lines
+
+
+def _split_uris(examples) -> Dict[str, str]:
+    return {name: artifact_utils.get_split_uri([examples], name)
+            for name in artifact_utils.decode_split_names(examples.split_names)}
+
+
+@tfx.dsl.components.component(use_beam=True)
+def ProtocolSplit(examples: InputArtifact[Examples], anomalies: InputArtifact[ExampleAnomalies],
+                  split_examples: OutputArtifact[Examples], history_length: Parameter[int] = 50,
+                  beam_pipeline: BeamComponentParameter[beam.Pipeline] = None) -> None:
+    from pipelines.transforms import LeaveLastOut
+    problems = anomaly_report(anomalies.uri)
+    if problems:
+        raise AnomaliesFound("ExampleValidator found anomalies in the input data; the run stops before "
+                             "training:\n  " + "\n  ".join(problems))
+    inputs = _split_uris(examples)
+    split_examples.split_names = artifact_utils.encode_split_names(list(SPLITS))
+    with beam_pipeline as pipeline:
+        raw = [pipeline | f"Read[{name}]" >> beam.io.ReadFromTFRecord(os.path.join(uri, "*"))
+               for name, uri in sorted(inputs.items())]
+        splits = (raw | "Flatten" >> beam.Flatten()) | "LeaveLastOut" >> LeaveLastOut(history_length)
+        for name in SPLITS:
+            prefix = os.path.join(artifact_utils.get_split_uri([split_examples], name), "data_tfrecord")
+            _ = splits[name] | f"Write[{name}]" >> beam.io.WriteToTFRecord(prefix, file_name_suffix=".gz")
+
+
+@tfx.dsl.components.component
+def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[Model],
+                       evaluation: OutputArtifact[ModelEvaluation], blessing: OutputArtifact[ModelBlessing],
+                       baseline_model: InputArtifact[Model] = None,
+                       thresholds_json: Parameter[str] = '{"HR@50": 0.05}',
+                       compare_metrics_json: Parameter[str] = '["HR@50", "NDCG@10"]',
+                       margin: Parameter[float] = 0.01, blessing_split: Parameter[str] = "eval",
+                       ks_json: Parameter[str] = "[10, 50, 100]") -> None:
+    from tfrec_recall.data.protocol import read_split_examples
+    from tfrec_recall.pipeline_steps import evaluate_model, judge, write_report
+    from tfrec_recall.train import load_run_config
+    thresholds, compare, ks = json.loads(thresholds_json), json.loads(compare_metrics_json), json.loads(ks_json)
+    which = {"eval": "valid", "test": "test"}
+    if blessing_split not in which:
+        raise ValueError(f"blessing_split must be 'eval' or 'test', got {blessing_split!r}")
+
+    def metrics_of(artifact):
+        model_dir = os.path.join(artifact.uri, SERVING_SUBDIR)
+        split = read_split_examples(examples.uri, load_run_config(model_dir).history_length)
+        out = evaluate_model(model_dir, split, list(which.values()), ks)
+        return {name: out[key] for name, key in which.items()}, len(split.data.items)
+
+    metrics, corpus_size = metrics_of(model)
+    baseline = None
+    if baseline_model is not None and baseline_model.id != model.id:
+        baseline, _ = metrics_of(baseline_model)
+    verdict = judge(metrics[blessing_split], thresholds, baseline[blessing_split] if baseline else None, margin,
+                    compare)
+    result = {"blessed": verdict["blessed"], "checks": verdict["checks"], "blessing_split": blessing_split,
+              "margin": margin, "model": model.uri, "model_id": model.id,
+              "baseline_model": baseline_model.uri if baseline else None,
+              "baseline_model_id": baseline_model.id if baseline else None,
+              "metrics": metrics, "baseline_metrics": baseline,
+              "candidates": corpus_size}
+    write_report(evaluation.uri, result)
+    blessed = int(verdict["blessed"])
+    blessing.set_int_custom_property("blessed", blessed)
+    blessing.set_string_custom_property("current_model", model.uri)
+    blessing.set_int_custom_property("current_model_id", model.id)
+    if baseline:
+        blessing.set_string_custom_property("baseline_model", baseline_model.uri)
+        blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
+    with open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
+        json.dump(verdict, f, indent=2)
+    evaluation.set_int_custom_property("blessed", blessed)
+    for name, value in metrics[blessing_split].items():
+        evaluation.set_float_custom_property(name, float(value))
+
+
+@tfx.dsl.components.component
+def RetrievalExporter(model: InputArtifact[Model], examples: InputArtifact[Examples],
+                      exported_model: OutputArtifact[Model], index: Parameter[str] = "brute_force",
+                      k: Parameter[int] = 100) -> None:
+    from tfrec_recall.data.protocol import read_split_examples
+    from tfrec_recall.pipeline_steps import export_for_serving
+    from tfrec_recall.train import load_run_config
+    model_dir = os.path.join(model.uri, SERVING_SUBDIR)
+    split = read_split_examples(examples.uri, load_run_config(model_dir).history_length)
+    export_for_serving(model_dir, split, os.path.join(exported_model.uri, SERVING_SUBDIR), index=index, k=k)
+    exported_model.set_string_custom_property("index", index)
+    exported_model.set_int_custom_property("k", k)
+
+
+@tfx.dsl.components.component
+def ExportInfraCheck(model: InputArtifact[Model], blessing: OutputArtifact[InfraBlessing],
+                     timeout_seconds: Parameter[int] = 600) -> None:
+    from tfrec_recall.pipeline_steps import smoke_test_export
+    result = smoke_test_export(os.path.join(model.uri, SERVING_SUBDIR), timeout=timeout_seconds)
+    blessing.set_int_custom_property("blessed", int(result["ok"]))
+    if not result["ok"]:
+        blessing.set_string_custom_property("error", result["error"][:2000])
+    with open(os.path.join(blessing.uri, "INFRA_BLESSED" if result["ok"] else "INFRA_NOT_BLESSED"), "w") as f:
+        json.dump(result, f, indent=2)

@@ -1,0 +1,150 @@
+"""``create_pipeline``: raw interactions -> validated protocol splits -> trained, evaluated, exported, checked
+and (only when blessed) pushed retrieval model.
+
+    ExampleGen (CsvExampleGen | ImportExampleGen) -> StatisticsGen -> ImportSchemaGen -> ExampleValidator
+      -> ProtocolSplit (Beam: leave-last-out + causal history; stops on anomalies)
+      -> Trainer (run_fn = tfrec_recall.pipeline_steps.run_fn)
+      -> RetrievalEvaluator (+ Resolver: latest blessed model as baseline)
+      -> RetrievalExporter (SavedModel with the index inside) -> ExportInfraCheck (fresh process)
+      -> Pusher (filesystem, versioned; only blessed and infra-blessed models; a model already in the
+         serving directory is not copied again)
+
+The schema is fixed (``pipelines/schema``), not inferred: a schema inferred from the same data cannot notice a
+dropped column or a changed type, which is what ExampleValidator is here to catch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+from tfx import v1 as tfx
+
+from pipelines.pusher import Pusher
+
+from pipelines.components import ExportInfraCheck, ProtocolSplit, RetrievalEvaluator, RetrievalExporter
+
+SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema")
+DATA_FORMATS = ("csv", "tfrecord")
+ID_TYPES = ("string", "int")
+INDEXES = ("brute_force", "ivf", "scann")
+RUN_FN = "tfrec_recall.pipeline_steps.run_fn"
+RAW_SPLIT = "interactions"
+COMPONENT_IDS = ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit", "Trainer",
+                 "latest_blessed_model_resolver", "RetrievalEvaluator", "RetrievalExporter", "ExportInfraCheck",
+                 "Pusher")
+
+
+def default_schema(id_type: str) -> str:
+    if id_type not in ID_TYPES:
+        raise ValueError(f"id_type must be one of {ID_TYPES}, got {id_type!r}")
+    return os.path.join(SCHEMA_DIR, f"interactions_{id_type}_ids.pbtxt")
+
+
+def _check(condition: bool, name: str, value, what: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} {what}, got {value!r}")
+
+
+def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, serving_dir: str,
+                    data_format: str = "csv", id_type: str = "string", schema_file: Optional[str] = None,
+                    history_length: int = 50, preset: str = "youtube_dnn_mixed",
+                    config: Optional[Mapping[str, Any]] = None, train_steps: Optional[int] = None,
+                    thresholds: Optional[Mapping[str, float]] = None,
+                    compare_metrics: Sequence[str] = ("HR@50", "NDCG@10"), margin: float = 0.01,
+                    blessing_split: str = "eval", index: str = "brute_force", k: int = 100,
+                    enable_cache: bool = True, metadata_path: Optional[str] = None,
+                    beam_pipeline_args: Sequence[str] = ()) -> tfx.dsl.Pipeline:
+    """The retrieval pipeline; a pure function of its arguments (nothing is read or written here).
+
+    Args:
+      pipeline_name / pipeline_root: TFX's; artifacts go under ``pipeline_root``.
+      data_root: a directory of interaction CSV files (``data_format="csv"``) or of gzipped TFRecord files of
+        ``tf.Example`` (``"tfrecord"``) with ``user_id``, ``item_id``, ``timestamp`` and optionally ``weight``
+        and ``row_number`` (see ``tfrec_recall.data.protocol``).
+      serving_dir: the model base path pushed to (``<serving_dir>/<unix time>/saved_model.pb``), which
+        ``tfrec-recall serve`` and TF Serving read.
+      id_type: ``"string"`` or ``"int"`` ids in the input (selects the packaged schema); ``schema_file``
+        replaces the packaged schema altogether.
+      preset / config: a ``tfrec_recall.config`` preset and overrides of its keys (the Trainer's
+        ``custom_config``); ``train_steps`` caps training at that many batches (TFX ``train_args.num_steps``).
+      thresholds: absolute lower bounds on metrics of ``blessing_split`` (default ``{"HR@50": 0.05}``);
+        ``compare_metrics`` must not fall more than ``margin`` below the latest blessed model's.
+      index / k: the index exported with the model and the number of results it returns.
+      metadata_path: an SQLite ML Metadata file (local runs); None leaves the connection to the orchestrator.
+      beam_pipeline_args: passed to every Beam-based component (e.g. ``--runner=FlinkRunner``).
+    """
+    from tfrec_recall.config import PRESETS, ConfigError, load_config
+    _check(isinstance(pipeline_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", pipeline_name) is not None,
+           "pipeline_name", pipeline_name, "must be lower-case letters, digits and '-' (Kubeflow V2's rule)")
+    for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):
+        _check(isinstance(value, str) and bool(value), name, value, "must be a non-empty path")
+    _check(data_format in DATA_FORMATS, "data_format", data_format, f"must be one of {DATA_FORMATS}")
+    _check(index in INDEXES, "index", index, f"must be one of {INDEXES}")
+    _check(blessing_split in ("eval", "test"), "blessing_split", blessing_split, "must be 'eval' or 'test'")
+    _check(isinstance(history_length, int) and history_length >= 1, "history_length", history_length,
+           "must be a positive integer")
+    _check(isinstance(k, int) and k >= 1, "k", k, "must be a positive integer")
+    _check(train_steps is None or (isinstance(train_steps, int) and train_steps >= 1), "train_steps",
+           train_steps, "must be None or a positive integer")
+    _check(isinstance(margin, (int, float)) and margin >= 0, "margin", margin, "must be a number >= 0")
+    _check(preset in PRESETS, "preset", preset, f"must be one of {sorted(PRESETS)}")
+    schema_file = schema_file or default_schema(id_type)
+    thresholds = dict({"HR@50": 0.05} if thresholds is None else thresholds)
+    overrides = {**dict(config or {}), "history_length": history_length}
+    _check(not overrides.get("use_side_features"), "config", {"use_side_features": True},
+           "is not supported: the pipeline's examples carry interactions only, no side-feature tables")
+    try:  # validate the whole configuration now, not in the Trainer an hour later
+        run_config = load_config(preset, overrides={"use_side_features": False, **overrides})
+    except ConfigError as error:
+        raise ValueError(f"config: {error}") from None
+    metric_names = {f"{m}@{k_}" for m in ("HR", "Recall", "NDCG", "Coverage") for k_ in run_config.ks}
+    for name in list(thresholds) + list(compare_metrics):
+        _check(name in metric_names, "metric", name, f"is not computed (ks {list(run_config.ks)}); "
+               f"use one of {sorted(metric_names)}")
+
+    # One raw split: ProtocolSplit makes train / eval / test by the protocol, not by hash buckets.
+    raw = tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
+        tfx.proto.SplitConfig.Split(name=RAW_SPLIT, hash_buckets=1)]))
+    if data_format == "csv":
+        example_gen = tfx.components.CsvExampleGen(input_base=data_root, output_config=raw)
+    else:
+        example_gen = tfx.components.ImportExampleGen(input_base=data_root, output_config=raw)
+    example_gen = example_gen.with_id("ExampleGen")
+    statistics = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema = tfx.components.ImportSchemaGen(schema_file=schema_file).with_id("SchemaGen")
+    validator = tfx.components.ExampleValidator(statistics=statistics.outputs["statistics"],
+                                                schema=schema.outputs["schema"])
+    split = ProtocolSplit(examples=example_gen.outputs["examples"], anomalies=validator.outputs["anomalies"],
+                          history_length=history_length)
+    trainer = tfx.components.Trainer(
+        run_fn=RUN_FN, examples=split.outputs["split_examples"],
+        train_args=tfx.proto.TrainArgs(num_steps=train_steps or 0),
+        eval_args=tfx.proto.EvalArgs(num_steps=0),
+        custom_config={"preset": preset, "config": overrides})
+    resolver = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+    evaluator = RetrievalEvaluator(
+        examples=split.outputs["split_examples"], model=trainer.outputs["model"],
+        baseline_model=resolver.outputs["model"], thresholds_json=json.dumps(thresholds, sort_keys=True),
+        compare_metrics_json=json.dumps(list(compare_metrics)), margin=float(margin),
+        blessing_split=blessing_split, ks_json=json.dumps(list(run_config.ks)))
+    exporter = RetrievalExporter(model=trainer.outputs["model"], examples=split.outputs["split_examples"],
+                                 index=index, k=k)
+    infra_check = ExportInfraCheck(model=exporter.outputs["exported_model"])
+    pusher = Pusher(
+        model=exporter.outputs["exported_model"], model_blessing=evaluator.outputs["blessing"],
+        infra_blessing=infra_check.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)))
+    components = [example_gen, statistics, schema, validator, split, trainer, resolver, evaluator, exporter,
+                  infra_check, pusher]
+    metadata = (tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
+                if metadata_path else None)
+    return tfx.dsl.Pipeline(pipeline_name=pipeline_name, pipeline_root=pipeline_root, components=components,
+                            enable_cache=enable_cache, metadata_connection_config=metadata,
+                            beam_pipeline_args=list(beam_pipeline_args))

@@ -1,0 +1,221 @@
+"""The work of the TFX pipeline's steps, as plain library functions (no tfx import here).
+
+``pipelines/`` wires these into components: :func:`run_fn` is the Trainer's ``run_fn`` (pointed at by its
+import path, so no module file is copied or pip-installed), :func:`evaluate_model` / :func:`judge` /
+:func:`write_report` are the ``RetrievalEvaluator``, :func:`export_for_serving` the index-and-export step and
+:func:`smoke_test_export` the infra check (run in a fresh process).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "youtube_dnn_mixed"
+# Pipeline examples carry ids and history only (no side-feature tables), so the presets run without them.
+PIPELINE_OVERRIDES = {"use_side_features": False}
+REQUEST_FILE = "request.json"
+
+
+def trainer_config(custom_config: Optional[Mapping[str, Any]]):
+    """The RunConfig a Trainer's ``custom_config`` asks for: ``{"preset": NAME, "config": {KEY: VALUE}}``."""
+    from tfrec_recall.config import ConfigError, load_config
+    custom = dict(custom_config or {})
+    unknown = sorted(set(custom) - {"preset", "config", "evaluate_every"})
+    if unknown:
+        raise ConfigError(f"custom_config key {unknown[0]!r} is not one of 'preset', 'config', 'evaluate_every'")
+    overrides = {**PIPELINE_OVERRIDES, **dict(custom.get("config") or {})}
+    return load_config(custom.get("preset", DEFAULT_PRESET), overrides=overrides)
+
+
+def examples_uri(files: Sequence[str]) -> str:
+    """The Examples artifact URI behind a Trainer's ``train_files`` (``<uri>/Split-train/*``)."""
+    if not files:
+        raise ValueError("train_files is empty: the Trainer got no examples")
+    split_dir = os.path.dirname(files[0])
+    if not os.path.basename(split_dir).startswith("Split-"):
+        raise ValueError(f"train_files {files[0]!r} is not inside a TFX Examples split directory (Split-<name>)")
+    return os.path.dirname(split_dir)
+
+
+def run_fn(fn_args) -> None:
+    """TFX Trainer entry point (``Trainer(run_fn="tfrec_recall.pipeline_steps.run_fn")``).
+
+    Reads the protocol splits the pipeline wrote, builds the model from ``custom_config`` (a preset plus
+    overrides), fits it (``train_args.num_steps``, when set, caps training at that many batches) and writes the
+    run directory (both towers as SavedModels, candidate embeddings, metrics and plots) into
+    ``fn_args.serving_model_dir``."""
+    from tfrec_recall.data.protocol import read_split_examples
+    from tfrec_recall.train import save_run, train
+    config = trainer_config(fn_args.custom_config)
+    uri = examples_uri(list(fn_args.train_files))
+    split = read_split_examples(uri, config.history_length)
+    logger.info("training on %s", split.describe())
+    evaluate_every = int((fn_args.custom_config or {}).get("evaluate_every", 1))
+    result = train(config, split, evaluate_every=evaluate_every, verbose=2, max_steps=fn_args.train_steps)
+    save_run(result, split, fn_args.serving_model_dir, config, {"source": "tfx_examples", "examples": uri})
+    logger.info("test metrics: %s", result.metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and blessing
+
+def evaluate_model(model_dir: str, split, which: Sequence[str] = ("valid", "test"),
+                   ks: Sequence[int] = (10, 50, 100)) -> Dict[str, Dict[str, float]]:
+    """Full-corpus metrics (PROTOCOL.md) of a saved run on the split's rows, keyed by ``which``."""
+    from tfrec_recall.train import evaluate_towers, load_run
+    run = load_run(model_dir)
+    return {name: evaluate_towers(run.query_tower, run.candidate_tower, split, name, ks) for name in which}
+
+
+def judge(metrics: Mapping[str, float], thresholds: Mapping[str, float],
+          baseline: Optional[Mapping[str, float]] = None, margin: float = 0.01,
+          compare: Sequence[str] = ()) -> Dict[str, Any]:
+    """Blesses when every ``thresholds`` metric is >= its bound and, given a baseline, every ``compare``
+    metric is >= baseline - ``margin``. Returns ``{"blessed": bool, "checks": [...]}``; unknown metric names
+    raise ValueError naming them."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin!r}")
+    for name in list(thresholds) + list(compare):
+        if name not in metrics:
+            raise ValueError(f"metric {name!r} is not computed; available: {sorted(k for k in metrics if k != 'users')}")
+    checks: List[Dict[str, Any]] = []
+    for name, bound in thresholds.items():
+        checks.append({"metric": name, "kind": "threshold", "value": float(metrics[name]), "bound": float(bound),
+                       "passed": bool(metrics[name] >= bound)})
+    if baseline is not None:
+        for name in compare:
+            bound = float(baseline[name]) - margin
+            checks.append({"metric": name, "kind": "baseline", "value": float(metrics[name]), "bound": bound,
+                           "baseline": float(baseline[name]), "passed": bool(metrics[name] >= bound)})
+    return {"blessed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def _plot(candidate: Mapping[str, float], baseline: Optional[Mapping[str, float]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [k for k in candidate if k.startswith(("HR@", "NDCG@"))] + [k for k in candidate if k.startswith("Coverage@")]
+    x = np.arange(len(names))
+    width = 0.4 if baseline else 0.6
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.4))
+    ax.bar(x - (width / 2 if baseline else 0), [candidate[n] for n in names], width, label="candidate")
+    if baseline:
+        ax.bar(x + width / 2, [baseline.get(n, 0.0) for n in names], width, label="latest blessed")
+    ax.set_xticks(x, names, rotation=30)
+    ax.set(title="full-corpus retrieval metrics", ylabel="value")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir, result: Mapping[str, Any]) -> None:
+    """``metrics.json`` (everything), ``report.png`` (candidate vs baseline) and ``report.html`` (tables and
+    the plot inlined) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    split = result["blessing_split"]
+    _plot(result["metrics"][split], (result.get("baseline_metrics") or {}).get(split), out / "report.png")
+    image = base64.b64encode((out / "report.png").read_bytes()).decode("ascii")
+    rows = []
+    for name, values in result["metrics"].items():
+        cells = "".join(f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{v}</td>" for v in values.values())
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    header = "".join(f"<th>{html.escape(k)}</th>" for k in next(iter(result["metrics"].values())))
+    checks = "".join(
+        f"<tr><td>{html.escape(c['metric'])}</td><td>{c['kind']}</td><td>{c['value']:.4f}</td>"
+        f"<td>&ge; {c['bound']:.4f}</td><td>{'pass' if c['passed'] else '<b>FAIL</b>'}</td></tr>"
+        for c in result["checks"])
+    verdict = "BLESSED" if result["blessed"] else "NOT BLESSED"
+    (out / "report.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>Retrieval evaluation: {verdict}</title></head><body style="font-family: sans-serif">
+<h1>{verdict}</h1><p>model {html.escape(str(result.get('model')))}; baseline
+{html.escape(str(result.get('baseline_model') or 'none (first blessed model)'))}; blessing on split
+<b>{html.escape(split)}</b>, {result.get('candidates', '?')} candidates (full corpus).</p>
+<h2>Metrics</h2><table border="1" cellpadding="4"><tr><th>split</th>{header}</tr>{''.join(rows)}</table>
+<h2>Checks</h2><table border="1" cellpadding="4"><tr><th>metric</th><th>kind</th><th>value</th><th>bound</th>
+<th>result</th></tr>{checks}</table>
+<p><img alt="metrics" src="data:image/png;base64,{image}"></p></body></html>
+""")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export and the infra check
+
+def export_for_serving(model_dir: str, split, out_dir, *, index: str = "brute_force", k: int = 100) -> Path:
+    """Exports the run in ``model_dir`` with an index over its candidate corpus into ``out_dir`` (a
+    SavedModel directory, written atomically) plus ``out_dir/assets/request.json``: query features of two
+    evaluation users, for the infra check."""
+    from tfrec_recall.data.protocol import candidate_request
+    from tfrec_recall.export import export_retrieval_model, make_index
+    from tfrec_recall.train import load_run
+    run = load_run(model_dir)
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite an export")
+    staging = out.parent / f".staging-{out.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        version = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings),
+                                         index=make_index(index, k, len(run.candidate_ids)),
+                                         export_dir_base=staging, k=k, version=1)
+        request = candidate_request(split, run.query_tower.encoder.specs)
+        (version / "assets" / REQUEST_FILE).write_text(json.dumps(request))
+        version.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+_SMOKE_TEST = r"""
+import json, sys
+import numpy as np
+import tfrec_recall
+import tensorflow as tf
+path = sys.argv[1]
+manifest = json.load(open(path + "/assets/manifest.json"))
+if manifest.get("requires_custom_ops"):
+    import scann  # noqa: F401  (registers the ScaNN ops)
+request = json.load(open(path + "/assets/request.json"))
+loaded = tf.saved_model.load(path)
+fn = loaded.signatures["serving_default"]
+inputs = {name: tf.constant(np.asarray(value, dtype=np.float32 if spec.dtype == tf.float32 else object),
+                            dtype=spec.dtype)
+          for (name, value), spec in ((item, fn.structured_input_signature[1][item[0]]) for item in request.items())}
+out = fn(**inputs)
+ids, scores = out["item_ids"].numpy(), out["scores"].numpy()
+if ids.shape[0] != len(next(iter(request.values()))) or ids.shape[1] != manifest["k"]:
+    raise SystemExit(f"unexpected output shape {ids.shape}")
+if not np.all(np.isfinite(scores[:, 0])):
+    raise SystemExit("non-finite top score")
+print(json.dumps({"item_ids": [[i.decode() for i in row[:5]] for row in ids], "k": int(ids.shape[1])}))
+"""
+
+
+def smoke_test_export(export_dir, timeout: float = 600.0) -> Dict[str, Any]:
+    """Loads the export in a fresh Python process and answers its ``assets/request.json`` through
+    ``serving_default``. Returns ``{"ok": bool, "output" or "error": ...}``; never raises for a broken model."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        done = subprocess.run([sys.executable, "-c", _SMOKE_TEST, str(export_dir)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"no answer within {timeout:.0f} s"}
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        return {"ok": False, "error": lines[-1] if lines else f"exit code {done.returncode}"}
+    return {"ok": True, "output": json.loads(done.stdout.strip().splitlines()[-1])}
