@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 import apache_beam as beam
 from tfx import v1 as tfx
 from tfx.dsl.component.experimental.annotations import BeamComponentParameter
+from tfx.components.util import examples_utils
+from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 from tfx.types.standard_artifacts import ExampleAnomalies, Examples, InfraBlessing, Model, ModelBlessing, ModelEvaluation
 
@@ -71,6 +73,8 @@ def ProtocolSplit(examples: InputArtifact[Examples], anomalies: InputArtifact[Ex
                              "training:\n  " + "\n  ".join(problems))
     inputs = _split_uris(examples)
     split_examples.split_names = artifact_utils.encode_split_names(list(SPLITS))
+    examples_utils.set_payload_format(split_examples, example_gen_pb2.PayloadFormat.FORMAT_TF_EXAMPLE)
+    examples_utils.set_file_format(split_examples, "tfrecords_gzip")
     with beam_pipeline as pipeline:
         raw = [pipeline | f"Read[{name}]" >> beam.io.ReadFromTFRecord(os.path.join(uri, "*"))
                for name, uri in sorted(inputs.items())]

@@ -86,6 +86,16 @@ def test_to_example_round_trip_and_bad_field():
         parse_interaction(bad)
 
 
+def test_pipeline_inputs_are_written_once(small_data, tmp_path):
+    path = write_interactions_csv(small_data, tmp_path / "in" / "interactions.csv")
+    written = pd.read_csv(path)
+    assert list(written.columns) == ["user_id", "item_id", "timestamp", ROW_NUMBER]
+    assert written[ROW_NUMBER].tolist() == list(range(len(small_data.interactions)))
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        write_interactions_csv(small_data, path)
+    assert [p.name for p in (tmp_path / "in").iterdir()] == ["interactions.csv"]  # no temporary left
+
+
 # --------------------------------------------------------------------------------------------------------
 # Blessing rules and arguments
 
@@ -132,8 +142,10 @@ def test_create_pipeline_rejects_bad_arguments(tmp_path, change, message):
 
 
 def test_kubeflow_v2_spec_names_every_component(tmp_path):
-    spec_file = compile_kubeflow_v2(_pipeline(tmp_path, metadata_path=None), str(tmp_path / "spec.json"))
-    spec = json.loads(spec_file.read_text())
+    pipeline = _pipeline(tmp_path, metadata_path=None, beam_pipeline_args=["--direct_num_workers=2"])
+    spec = json.loads(compile_kubeflow_v2(pipeline, str(tmp_path / "spec.json")).read_text())
+    # Beam arguments reach the Beam-based steps.
+    assert "--direct_num_workers=2" in json.dumps(spec["pipelineSpec"]["deploymentSpec"]["executors"]["ProtocolSplit_executor"])
     tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
     # The Resolver compiles into one task per resolved channel ("<id>-model-resolver", ...).
     missing = [c for c in COMPONENT_IDS if not any(t == c or t.startswith(c + "-") for t in tasks)]
@@ -191,16 +203,39 @@ def _query_pushed(serving: Path):
     return versions, out
 
 
-def test_end_to_end_local_runs(tmp_path, small_data):
+def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
+    import yaml
+    from tfrec_recall import cli, pipeline_steps
     write_interactions_csv(small_data, tmp_path / "data" / "interactions.csv")
     serving = tmp_path / "serving"
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(SMALL))
+    command = ["pipeline", "run", "--data", str(tmp_path / "data"), "--pipeline-root", str(tmp_path / "root"),
+               "--serving-dir", str(serving), "--pipeline-name", "test-pipeline", "--config",
+               str(tmp_path / "small.yaml"), "--history-length", "10", "--k", "20"]
 
-    # 1. A full run: every component executes once, the model is blessed and pushed, and answers a query.
-    run_local(_pipeline(tmp_path))
+    # 0. A run that fails in the Trainer keeps what finished before it.
+    def broken_run_fn(fn_args):
+        raise RuntimeError("simulated trainer failure")
+
+    monkeypatch.setattr(pipeline_steps, "run_fn", broken_run_fn)
+    assert cli.main(command) == 2
+    assert "simulated trainer failure" in capsys.readouterr().err
+    _, failed = _runs(tmp_path)
+    assert failed["ProtocolSplit"].state == "COMPLETE" and failed["Trainer"].state == "FAILED"
+    assert "Pusher" not in failed and not serving.exists()
+    monkeypatch.undo()
+
+    # 1. The rerun resumes after the finished components; every component has run to completion once, the
+    #    model is blessed and pushed, and the pushed model answers a query through the export's signature.
+    assert cli.main(command) == 0
+    printed = capsys.readouterr().out
+    assert "blessed: True" in printed and "pushed: True" in printed
     records, first = _runs(tmp_path)
     assert sorted(first) == sorted(COMPONENT_IDS)
-    assert len(records) == len(COMPONENT_IDS)  # each once
-    assert {e.state for e in first.values()} == {"COMPLETE"}
+    for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit"):
+        assert first[component].state == "CACHED", component
+    completed = [e.component for e in records if e.state == "COMPLETE"]
+    assert sorted(completed) == sorted(COMPONENT_IDS)  # each exactly once over the failed run and its resume
     evaluation = json.loads(Path(first["RetrievalEvaluator"].outputs["evaluation"]["uri"], "metrics.json").read_text())
     assert evaluation["blessed"] and evaluation["baseline_model"] is None
     assert evaluation["metrics"]["eval"]["HR@50"] > 0.25  # random ranking gives 50/200 = 0.25
@@ -213,7 +248,7 @@ def test_end_to_end_local_runs(tmp_path, small_data):
 
     # 2. Unchanged inputs: everything up to the model is reused from the cache; the Evaluator (which now has
     #    a baseline) re-blesses the same model, and the Pusher does not copy it again.
-    run_local(_pipeline(tmp_path))
+    assert cli.main(command) == 0
     _, second = _runs(tmp_path)
     for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit", "Trainer",
                       "RetrievalExporter", "ExportInfraCheck"):
@@ -225,11 +260,13 @@ def test_end_to_end_local_runs(tmp_path, small_data):
     #    it falls behind the latest blessed model, so it is not blessed and not pushed.
     tfrecords = tmp_path / "tfrecords"
     write_interactions_tfrecord(small_data, tfrecords / "interactions.tfrecord.gz")
-    run_local(_pipeline(tmp_path, data_root=str(tfrecords), data_format="tfrecord", train_steps=1))
+    crippled = command[:]
+    crippled[crippled.index("--data") + 1] = str(tfrecords)
+    assert cli.main(crippled + ["--data-format", "tfrecord", "--train-steps", "1"]) == 0
+    assert "blessed: False" in capsys.readouterr().out
     _, third = _runs(tmp_path)
     assert third["ExampleGen"].state == "COMPLETE" and third["Trainer"].state == "COMPLETE"
-    blessing = third["RetrievalEvaluator"].outputs["blessing"]
-    assert blessing["blessed"] == 0
+    assert third["RetrievalEvaluator"].outputs["blessing"]["blessed"] == 0
     report = json.loads(Path(third["RetrievalEvaluator"].outputs["evaluation"]["uri"], "metrics.json").read_text())
     assert report["baseline_model_id"] == first["Trainer"].outputs["model"]["id"]
     assert any(c["kind"] == "baseline" and not c["passed"] for c in report["checks"])

@@ -23,3 +23,20 @@ def atomic_directory(final, tmp=None):
     finally:
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_new_file(final):
+    """Yields a temporary path beside ``final``; when the block succeeds it is renamed to ``final``, when it
+    fails it is removed. Refuses to replace an existing ``final``."""
+    final = Path(final)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; refusing to overwrite it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from tfrec_recall._atomic import atomic_new_file
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, DataError, InteractionData
 from tfrec_recall.data.split import Split
@@ -154,35 +155,19 @@ def write_interactions_csv(data: InteractionData, path) -> "os.PathLike":
     """Writes ``data``'s interactions as the pipeline's input CSV (``user_id, item_id, timestamp[, weight],
     row_number``; ``row_number`` keeps the file order that breaks timestamp ties). Written to a temporary file
     and renamed; an existing file is never overwritten (ExampleGen's cache keys on the input files)."""
-    from pathlib import Path
-    target = Path(path)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; refusing to overwrite pipeline input")
-    target.parent.mkdir(parents=True, exist_ok=True)
     columns = [USER_ID, ITEM_ID, TIMESTAMP] + ([WEIGHT] if WEIGHT in data.interactions.columns else [])
     frame = data.interactions[columns].assign(**{ROW_NUMBER: np.arange(len(data.interactions), dtype=np.int64)})
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_new_file(path) as tmp:
         frame.to_csv(tmp, index=False)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    return path
 
 
 def write_interactions_tfrecord(data: InteractionData, path) -> "os.PathLike":
     """Writes ``data``'s interactions as gzipped ``tf.Example`` TFRecords (the ImportExampleGen input): the same
     fields as :func:`write_interactions_csv`, ids as bytes. Atomic; never overwrites."""
-    from pathlib import Path
     import tensorflow as tf
-    target = Path(path)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; refusing to overwrite pipeline input")
-    target.parent.mkdir(parents=True, exist_ok=True)
     frame = data.interactions
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_new_file(path) as tmp:
         with tf.io.TFRecordWriter(str(tmp), options="GZIP") as writer:
             weights = frame[WEIGHT].to_numpy() if WEIGHT in frame.columns else None
             for row, (user, item, stamp) in enumerate(zip(frame[USER_ID], frame[ITEM_ID], frame[TIMESTAMP])):
@@ -195,8 +180,4 @@ def write_interactions_tfrecord(data: InteractionData, path) -> "os.PathLike":
                 if weights is not None:
                     feature[WEIGHT] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(weights[row])]))
                 writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    return path
