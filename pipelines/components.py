@@ -100,11 +100,15 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
     if blessing_split not in which:
         raise ValueError(f"blessing_split must be 'eval' or 'test', got {blessing_split!r}")
 
+    splits = {}  # by history length: the candidate and the baseline usually share one reading
+
     def metrics_of(artifact):
         model_dir = os.path.join(artifact.uri, SERVING_SUBDIR)
-        split = read_split_examples(examples.uri, load_run_config(model_dir).history_length)
-        out = evaluate_model(model_dir, split, list(which.values()), ks)
-        return {name: out[key] for name, key in which.items()}, len(split.data.items)
+        history_length = load_run_config(model_dir).history_length
+        if history_length not in splits:
+            splits[history_length] = read_split_examples(examples.uri, history_length)
+        out = evaluate_model(model_dir, splits[history_length], list(which.values()), ks)
+        return {name: out[key] for name, key in which.items()}, len(splits[history_length].data.items)
 
     metrics, corpus_size = metrics_of(model)
     baseline = None

@@ -17,8 +17,6 @@ from tfrec_recall.data.protocol import (EVAL, HISTORY, ROW_NUMBER, TEST, TRAIN, 
                                         write_interactions_tfrecord)
 from tfrec_recall.pipeline_steps import judge  # noqa: E402
 
-pytest.importorskip("tfx", reason="tfx is not installed (see requirements.lock)")
-
 from pipelines.pipeline import COMPONENT_IDS, create_pipeline  # noqa: E402
 from pipelines.runners import compile_kubeflow_v2, executions, metadata_path, run_local  # noqa: E402
 
