@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 BUILTIN_DATA = ("synthetic", "ml-100k")
 

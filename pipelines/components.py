@@ -17,7 +17,7 @@ these wrappers only move artifacts and record results in ML Metadata.
 import glob
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import apache_beam as beam
 from tfx import v1 as tfx
@@ -138,15 +138,11 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
 
 
 @tfx.dsl.components.component
-def RetrievalExporter(model: InputArtifact[Model], examples: InputArtifact[Examples],
-                      exported_model: OutputArtifact[Model], index: Parameter[str] = "brute_force",
-                      k: Parameter[int] = 100) -> None:
-    from tfrec_recall.data.protocol import read_split_examples
+def RetrievalExporter(model: InputArtifact[Model], exported_model: OutputArtifact[Model],
+                      index: Parameter[str] = "brute_force", k: Parameter[int] = 100) -> None:
     from tfrec_recall.pipeline_steps import export_for_serving
-    from tfrec_recall.train import load_run_config
-    model_dir = os.path.join(model.uri, SERVING_SUBDIR)
-    split = read_split_examples(examples.uri, load_run_config(model_dir).history_length)
-    export_for_serving(model_dir, split, os.path.join(exported_model.uri, SERVING_SUBDIR), index=index, k=k)
+    export_for_serving(os.path.join(model.uri, SERVING_SUBDIR), os.path.join(exported_model.uri, SERVING_SUBDIR),
+                       index=index, k=k)
     exported_model.set_string_custom_property("index", index)
     exported_model.set_int_custom_property("k", k)
 

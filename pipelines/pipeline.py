@@ -75,7 +75,8 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
       metadata_path: an SQLite ML Metadata file (local runs); None leaves the connection to the orchestrator.
       beam_pipeline_args: passed to every Beam-based component (e.g. ``--runner=FlinkRunner``).
     """
-    from tfrec_recall.config import PRESETS, ConfigError, load_config
+    from tfrec_recall.config import PRESETS, ConfigError
+    from tfrec_recall.pipeline_steps import trainer_config
     _check(isinstance(pipeline_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", pipeline_name) is not None,
            "pipeline_name", pipeline_name, "must be lower-case letters, digits and '-' (Kubeflow V2's rule)")
     for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):
@@ -96,7 +97,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     _check(not overrides.get("use_side_features"), "config", {"use_side_features": True},
            "is not supported: the pipeline's examples carry interactions only, no side-feature tables")
     try:  # validate the whole configuration now, not in the Trainer an hour later
-        run_config = load_config(preset, overrides={"use_side_features": False, **overrides})
+        run_config = trainer_config({"preset": preset, "config": overrides})
     except ConfigError as error:
         raise ValueError(f"config: {error}") from None
     metric_names = {f"{m}@{k_}" for m in ("HR", "Recall", "NDCG", "Coverage") for k_ in run_config.ks}
@@ -133,8 +134,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         baseline_model=resolver.outputs["model"], thresholds_json=json.dumps(thresholds, sort_keys=True),
         compare_metrics_json=json.dumps(list(compare_metrics)), margin=float(margin),
         blessing_split=blessing_split, ks_json=json.dumps(list(run_config.ks)))
-    exporter = RetrievalExporter(model=trainer.outputs["model"], examples=split.outputs["split_examples"],
-                                 index=index, k=k)
+    exporter = RetrievalExporter(model=trainer.outputs["model"], index=index, k=k)
     infra_check = ExportInfraCheck(model=exporter.outputs["exported_model"])
     pusher = Pusher(
         model=exporter.outputs["exported_model"], model_blessing=evaluator.outputs["blessing"],

@@ -11,6 +11,7 @@ from typing import Dict
 import apache_beam as beam
 import tensorflow as tf
 
+from tfrec_recall._validation import require_positive_int
 from tfrec_recall.data.protocol import SPLITS, assign_user, parse_interaction, to_example
 from tfrec_recall.data.schema import USER_ID
 
@@ -26,9 +27,7 @@ class LeaveLastOut(beam.PTransform):
 
     def __init__(self, history_length: int = 50):
         super().__init__()
-        if not isinstance(history_length, int) or history_length < 1:
-            raise ValueError(f"history_length must be a positive integer, got {history_length!r}")
-        self.history_length = history_length
+        self.history_length = require_positive_int("history_length", history_length)
 
     def expand(self, records):
         history_length = self.history_length

@@ -11,14 +11,14 @@ import pytest
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from tfrec_recall.data import InteractionData, leave_last_out  # noqa: E402
+from tfrec_recall.data import leave_last_out  # noqa: E402
 from tfrec_recall.data.protocol import (EVAL, HISTORY, ROW_NUMBER, TEST, TRAIN, assign_user,  # noqa: E402
                                         read_split_examples, to_example, write_interactions_csv,
                                         write_interactions_tfrecord)
 from tfrec_recall.pipeline_steps import judge  # noqa: E402
 
 from pipelines.pipeline import COMPONENT_IDS, create_pipeline  # noqa: E402
-from pipelines.runners import compile_kubeflow_v2, executions, metadata_path, run_local  # noqa: E402
+from pipelines.runners import compile_kubeflow_v2, executions, metadata_path  # noqa: E402
 
 # A small pipeline model: 2 epochs of a narrow YouTubeDNN (the run takes about 100 s here).
 SMALL = {"epochs": 2, "embedding_dim": 16, "output_dim": 16, "hidden_units": [32], "batch_size": 256,

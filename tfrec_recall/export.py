@@ -113,13 +113,6 @@ def _next_version(base: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def _as_index(index: Union[str, TopKIndex], k: int) -> TopKIndex:
-    if isinstance(index, TopKIndex):
-        return index
-    if index not in INDEXES:
-        raise ValueError(f"index must be a TopKIndex or one of {sorted(INDEXES)}, got {index!r}")
-    return INDEXES[index](max_k=k)
-
 
 def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
                ivf_lists: Optional[int] = None, ivf_probes: Optional[int] = None,
@@ -154,7 +147,10 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
         raise TypeError(f"model must be a TwoTower or a tfrec_recall tower, got {type(model).__name__}")
     require_positive_int("k", k)
     ids, embeddings = np.asarray(candidates[0]).astype(str), np.asarray(candidates[1], dtype=np.float32)
-    index = _as_index(index, k)
+    if not isinstance(index, TopKIndex):
+        if index not in INDEXES:
+            raise ValueError(f"index must be a TopKIndex or one of {sorted(INDEXES)}, got {index!r}")
+        index = make_index(index, k, len(ids))
     if k > index.max_k:
         raise ValueError(f"k ({k}) must be <= the index's max_k ({index.max_k})")
     if index.ids is None:

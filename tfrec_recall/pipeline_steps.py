@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "youtube_dnn_mixed"
 # Pipeline examples carry ids and history only (no side-feature tables), so the presets run without them.
 PIPELINE_OVERRIDES = {"use_side_features": False}
-REQUEST_FILE = "request.json"
 
 
 def trainer_config(custom_config: Optional[Mapping[str, Any]]):
@@ -156,13 +154,12 @@ def write_report(out_dir, result: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Export and the infra check
 
-def export_for_serving(model_dir: str, split, out_dir, *, index: str = "brute_force", k: int = 100) -> Path:
+def export_for_serving(model_dir: str, out_dir, *, index: str = "brute_force", k: int = 100) -> Path:
     """Exports the run in ``model_dir`` with an index over its candidate corpus into ``out_dir`` (a
-    SavedModel directory, written atomically) plus ``out_dir/assets/request.json``: query features of two
-    evaluation users, for the infra check."""
-    from tfrec_recall.data.protocol import candidate_request
-    from tfrec_recall.export import export_retrieval_model, make_index
-    from tfrec_recall.train import load_run
+    SavedModel directory, written atomically) plus ``out_dir/assets/request.json``, the run's sample request,
+    for the infra check."""
+    from tfrec_recall.export import export_retrieval_model
+    from tfrec_recall.train import REQUEST_FILE, load_run
     run = load_run(model_dir)
     out = Path(out_dir)
     if out.exists():
@@ -171,10 +168,8 @@ def export_for_serving(model_dir: str, split, out_dir, *, index: str = "brute_fo
     shutil.rmtree(staging, ignore_errors=True)
     try:
         version = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings),
-                                         index=make_index(index, k, len(run.candidate_ids)),
-                                         export_dir_base=staging, k=k, version=1)
-        request = candidate_request(split, run.query_tower.encoder.specs)
-        (version / "assets" / REQUEST_FILE).write_text(json.dumps(request))
+                                         index=index, export_dir_base=staging, k=k, version=1)
+        shutil.copyfile(Path(model_dir) / REQUEST_FILE, version / "assets" / REQUEST_FILE)
         version.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -6,7 +6,8 @@ A saved model directory holds:
 * ``checkpoint/``: a ``tf.train.Checkpoint`` of the whole model (towers, estimator state, optimizer);
 * ``query_tower/`` and ``candidate_tower/``: Keras SavedModels taking raw features;
 * ``candidates.npz``: the corpus ids and their embeddings (for ``recommend``);
-* ``metrics.json``, ``history.json`` and ``training.png`` (loss and HR@K per epoch).
+* ``metrics.json``, ``history.json`` and ``training.png`` (loss and HR@K per epoch);
+* ``request.json``: raw query features of two validation users (a sample request for smoke tests).
 """
 from __future__ import annotations
 
@@ -182,6 +183,17 @@ def plot_history(history: Mapping[str, Sequence[float]], path) -> None:
     plt.close(fig)
 
 
+REQUEST_FILE = "request.json"
+
+
+def sample_request(split: Split, specs: Sequence[FeatureSpec], rows: int = 2) -> Dict[str, list]:
+    """Raw query features of the first ``rows`` validation users (training users when there is no validation
+    split), as JSON-ready lists: a ready-made request for smoke tests of an export."""
+    frame = split.valid if len(split.valid) else split.train
+    arrays = feature_arrays(frame.head(rows), split.data, specs)
+    return {name: np.asarray(a).tolist() for name, a in arrays.items()}
+
+
 def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, dataset_args: Mapping[str, Any]) -> Path:
     """Writes the model directory atomically: everything goes to a temporary sibling, renamed at the end."""
     out = Path(out_dir)
@@ -203,6 +215,7 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
         (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics,
                                                       "train_seconds": result.train_seconds}, indent=2))
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
+        (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.encoder.specs)))
         plot_history(result.history, tmp / "training.png")
     return out
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -82,20 +82,21 @@ def assign_user(events: Iterable[Mapping[str, object]], history_length: int = 50
     return out
 
 
-def to_example(record: Mapping[str, object]):
+def _example(strings: Mapping[str, Sequence], ints: Mapping[str, Sequence], floats: Mapping[str, Sequence]):
     import tensorflow as tf
+    feature = {name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(v).encode("utf-8") for v in values]))
+               for name, values in strings.items()}
+    feature.update({name: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+                    for name, values in ints.items()})
+    feature.update({name: tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+                    for name, values in floats.items()})
+    return tf.train.Example(features=tf.train.Features(feature=feature))
 
-    def strings(values):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(v).encode("utf-8") for v in values]))
 
-    return tf.train.Example(features=tf.train.Features(feature={
-        USER_ID: strings([record[USER_ID]]),
-        ITEM_ID: strings([record[ITEM_ID]]),
-        TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record[TIMESTAMP])])),
-        WEIGHT: tf.train.Feature(float_list=tf.train.FloatList(value=[float(record[WEIGHT])])),
-        POSITION: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record[POSITION])])),
-        HISTORY: strings(record[HISTORY]),
-    }))
+def to_example(record: Mapping[str, object]):
+    """A split record (see :func:`assign_user`) as a ``tf.train.Example``."""
+    return _example({USER_ID: [record[USER_ID]], ITEM_ID: [record[ITEM_ID]], HISTORY: record[HISTORY]},
+                    {TIMESTAMP: [record[TIMESTAMP]], POSITION: [record[POSITION]]}, {WEIGHT: [record[WEIGHT]]})
 
 
 def split_files(examples_uri: str, split: str) -> List[str]:
@@ -141,16 +142,6 @@ def read_split_examples(examples_uri: str, history_length: int, name: str = "exa
     return Split(data, train[keep], valid, test, history_length, train_items)
 
 
-def candidate_request(split: Split, specs, rows: int = 2) -> Optional[Dict[str, list]]:
-    """Raw query features of the first ``rows`` evaluation users, as JSON-ready lists (for smoke tests)."""
-    from tfrec_recall.features import feature_arrays
-    frame = split.valid if len(split.valid) else split.train
-    if not len(frame):
-        return None
-    arrays = feature_arrays(frame.head(rows), split.data, specs)
-    return {name: np.asarray(a).tolist() for name, a in arrays.items()}
-
-
 def write_interactions_csv(data: InteractionData, path) -> "os.PathLike":
     """Writes ``data``'s interactions as the pipeline's input CSV (``user_id, item_id, timestamp[, weight],
     row_number``; ``row_number`` keeps the file order that breaks timestamp ties). Written to a temporary file
@@ -167,17 +158,11 @@ def write_interactions_tfrecord(data: InteractionData, path) -> "os.PathLike":
     fields as :func:`write_interactions_csv`, ids as bytes. Atomic; never overwrites."""
     import tensorflow as tf
     frame = data.interactions
+    weights = frame[WEIGHT].to_numpy() if WEIGHT in frame.columns else None
     with atomic_new_file(path) as tmp:
         with tf.io.TFRecordWriter(str(tmp), options="GZIP") as writer:
-            weights = frame[WEIGHT].to_numpy() if WEIGHT in frame.columns else None
             for row, (user, item, stamp) in enumerate(zip(frame[USER_ID], frame[ITEM_ID], frame[TIMESTAMP])):
-                feature = {
-                    USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(user).encode("utf-8")])),
-                    ITEM_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(item).encode("utf-8")])),
-                    TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(stamp)])),
-                    ROW_NUMBER: tf.train.Feature(int64_list=tf.train.Int64List(value=[row])),
-                }
-                if weights is not None:
-                    feature[WEIGHT] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(weights[row])]))
-                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+                floats = {WEIGHT: [weights[row]]} if weights is not None else {}
+                writer.write(_example({USER_ID: [user], ITEM_ID: [item]}, {TIMESTAMP: [stamp], ROW_NUMBER: [row]},
+                                      floats).SerializeToString())
     return path
