@@ -15,6 +15,14 @@ REQUIRES_ML100K = pytest.mark.skipif(not (ML100K / "u.data").is_file(),
                                      reason=f"MovieLens 100K is absent (expected at {ML100K})")
 
 
+def chance_hit_rate(split, k: int, which: str = "test") -> float:
+    """HR@k of a random ranking (PROTOCOL.md): k / (#items - #excluded training items), averaged over the
+    users of ``split.valid`` or ``split.test``."""
+    rows = getattr(split, which).drop_duplicates("user_id")
+    n_items = len(split.data.items)
+    return float(sum(min(1.0, k / (n_items - len(split.train_items[u]))) for u in rows["user_id"]) / len(rows))
+
+
 @pytest.fixture(scope="session")
 def small_data():
     from tfrec_recall.data import make_synthetic

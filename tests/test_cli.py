@@ -46,6 +46,10 @@ def test_train_writes_model_dir(trained_run, capsys):
     assert 0.0 <= metrics["test"]["HR@10"] <= metrics["test"]["HR@50"] <= metrics["test"]["HR@100"] <= 1.0
     history = json.loads((trained_run / "history.json").read_text())
     assert len(history["loss"]) == 2 and len(history["val_HR@10"]) == 2
+    # The kept epoch is the one with the best validation HR@50 (early stopping restores it).
+    best = metrics["best_epoch"]
+    assert history["val_HR@50"][best - 1] == max(history["val_HR@50"])
+    assert metrics["valid"]["HR@50"] == pytest.approx(max(history["val_HR@50"]), abs=1e-6)
     assert (trained_run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(trained_run.parent.glob(".run.tmp-*"))
 
@@ -112,3 +116,16 @@ def test_export_command_writes_a_serving_version_and_queries_it(trained_run, tmp
     assert "exported model answers like the in-memory model: True" in out
     assert cli.main(["export", "--model-dir", str(trained_run), "--k", "0", "--export-dir-base", str(base)]) == 2
     assert "--k must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_non_finite_learning_rate_and_diverging_training_exit_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("tfrec_recall.data.registry.make_synthetic", _small_synthetic)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--learning-rate", "inf", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--learning-rate: config key 'learning_rate': must be a finite number, got inf" in err
+    # A finite but absurd learning rate diverges: training stops at the first non-finite loss, nothing is saved.
+    assert cli.main(["train", "--learning-rate", "1e30", "--out", str(out), "--quiet", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "training loss became nan at epoch 1" in err and "lower the learning rate" in err
+    assert not out.exists()

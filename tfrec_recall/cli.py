@@ -13,6 +13,10 @@ from tfrec_recall.data.registry import DATASETS, SPLITS, load_dataset, make_spli
 from tfrec_recall.data.schema import DataError
 
 
+# Flags of `train` that override a configuration key.
+TRAIN_FLAGS = {"--epochs": "epochs", "--learning-rate": "learning_rate", "--patience": "patience"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, naming the option and the value
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -32,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--history-length", type=int, default=50)
     train.add_argument("--model", choices=sorted(PRESETS), default="two_tower")
     train.add_argument("--config", help="YAML file overriding the preset's configuration keys")
-    train.add_argument("--epochs", type=int, help="override the configuration's epochs")
+    train.add_argument("--epochs", type=int, help="override the configuration's epochs (the most trained)")
+    train.add_argument("--learning-rate", type=float, help="override the configuration's learning_rate")
+    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping "
+                                                    "(the best epoch is kept); 0 trains every epoch")
     train.add_argument("--out", required=True, help="output directory (must be new or empty)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -96,11 +103,12 @@ def _train(args) -> int:
     if args.history_length < 1:
         raise ConfigError(f"--history-length must be >= 1, got {args.history_length}")
     overrides = {"history_length": args.history_length}
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
-        overrides["epochs"] = args.epochs
-    config = load_config(args.model, args.config, overrides)
+    overrides.update({key: getattr(args, key) for key in TRAIN_FLAGS.values() if getattr(args, key) is not None})
+    try:
+        config = load_config(args.model, args.config, overrides)
+    except ConfigError as error:  # name the flag the user typed, not only the configuration key
+        flags = [flag for flag, key in TRAIN_FLAGS.items() if key in overrides and f"'{key}'" in str(error)]
+        raise ConfigError(f"{flags[0]}: {error}" if flags else str(error)) from None
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {args.out!r} exists and is not an empty directory")

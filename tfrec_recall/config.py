@@ -6,6 +6,7 @@ with one line naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -14,6 +15,7 @@ import yaml
 TOWER_KINDS = ("mlp", "senet", "residual", "youtube_dnn")
 NEGATIVES = ("in_batch", "mixed", "global")
 OPTIMIZERS = ("adam", "adagrad")
+SELECTION_METRICS = ("HR", "NDCG", "Recall")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,9 @@ class RunConfig:
     epochs: int = 10
     seed: int = 0
     ks: Tuple[int, ...] = (10, 50, 100)
+    # Model selection on the validation split: early stopping with best-epoch restore
+    selection_metric: str = "HR@50"
+    patience: int = 3  # epochs without improvement before stopping; 0 trains all epochs and keeps the last
 
     def __post_init__(self):
         def need(condition, key, value, what):
@@ -69,8 +74,8 @@ class RunConfig:
                 need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f.name, value,
                      "must be a non-negative integer")
             elif f.type == "float":
-                need(isinstance(value, (int, float)) and not isinstance(value, bool), f.name, value,
-                     "must be a number")
+                need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f.name, value, "must be a finite number")
                 setattr(self, f.name, float(value))
             elif f.type == "Tuple[int, ...]":
                 need(isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
@@ -99,6 +104,10 @@ class RunConfig:
                                                   and self.num_hard_negatives >= 1),
              "num_hard_negatives", self.num_hard_negatives, "must be null or a positive integer")
         need(len(self.ks) > 0, "ks", self.ks, "must list at least one cut-off")
+        name, _, k = str(self.selection_metric).partition("@")
+        need(name in SELECTION_METRICS and k.isdigit() and int(k) in self.ks, "selection_metric",
+             self.selection_metric, f"must be one of {SELECTION_METRICS} at a cut-off in ks {list(self.ks)}, "
+             "e.g. 'HR@50'")
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)

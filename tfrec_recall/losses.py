@@ -2,9 +2,10 @@
 
 :class:`RetrievalTask` extends ``tfrs.tasks.Retrieval`` with what production retrieval needs:
 
-* logQ correction given as log-probabilities: logits s(x, y) - log q(y) for every candidate column (in-batch
-  candidates get log p(y) from a :class:`~tfrec_recall.layers.frequency.StreamingFrequencyEstimator`, sampled
-  negatives the log of their expected count in the draw);
+* logQ correction: logits s(x, y) - log Q(y) for every candidate column, where Q(y) is the expected number of
+  copies of y among the step's candidates (the model computes it: B * q(y) from a
+  :class:`~tfrec_recall.layers.frequency.StreamingFrequencyEstimator` plus M * u(y) from a corpus sampler);
+  in-batch and sampled columns are corrected together or not at all;
 * extra negatives (global uniform / popularity-damped samples) appended after the in-batch candidates: mixed
   negative sampling;
 * removal of accidental hits (a candidate with the positive's id that is not the positive's own column);
@@ -76,10 +77,10 @@ class RetrievalTask(tfrs.tasks.Retrieval):
             candidate_log_q = _gather(ctx, candidate_log_q)
         num_in_batch = tf.shape(candidate_embeddings)[0]
         if negative_embeddings is not None:
-            if candidate_log_q is None and negative_log_q is not None:
-                candidate_log_q = tf.zeros([num_in_batch], tf.float32)
-            if negative_log_q is None and candidate_log_q is not None:
-                negative_log_q = tf.zeros([tf.shape(negative_embeddings)[0]], tf.float32)
+            if (candidate_log_q is None) != (negative_log_q is None):
+                raise ValueError("candidate_log_q and negative_log_q must be given together: in-batch and sampled "
+                                 "candidates form one candidate set, corrected in the same units (log of the "
+                                 "expected count among the step's candidates)")
             candidate_embeddings = tf.concat([candidate_embeddings, negative_embeddings], axis=0)
             if candidate_ids is not None:
                 if negative_ids is None:

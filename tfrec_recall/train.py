@@ -24,6 +24,7 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
+from tfrec_recall.callbacks import StopOnNonFiniteLoss
 from tfrec_recall.config import RunConfig
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall._validation import require_positive_int
@@ -70,7 +71,7 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
     query_tower = _tower(config.query_tower, specs["query"], config, "query_tower")
     candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower")
     estimator = None
-    if config.logq_correction:
+    if config.logq_correction and config.negatives != "global":  # global negatives: the sampler's own u(y)
         estimator = StreamingFrequencyEstimator(num_buckets=config.estimator_buckets,
                                                 num_hashes=config.estimator_hashes, alpha=config.estimator_alpha,
                                                 name="frequency_estimator")
@@ -84,7 +85,8 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
     task = RetrievalTask(temperature=config.temperature, remove_accidental_hits=config.remove_accidental_hits,
                          num_hard_negatives=config.num_hard_negatives,
                          in_batch_negatives=config.negatives != "global", name="retrieval")
-    return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler)
+    return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler,
+                    logq_correction=config.logq_correction)
 
 
 def _optimizer(config: RunConfig):
@@ -131,15 +133,35 @@ def embed(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 4096) -> np
 class TrainResult:
     model: TwoTower
     history: Dict[str, List[float]]
-    metrics: Dict[str, float]
+    metrics: Dict[str, float]  # test split, of the model returned
     train_seconds: float
+    valid_metrics: Dict[str, float] = dataclasses.field(default_factory=dict)  # validation, same model
+    best_epoch: Optional[int] = None  # 1-based epoch whose weights were kept (None: no model selection)
+
+
+def _selection_callbacks(model, config: RunConfig, split: Split, evaluate_every: int) -> list:
+    """Validation metrics every ``evaluate_every`` epochs and, with ``config.patience`` > 0, early stopping
+    on ``config.selection_metric`` with the best epoch's weights restored."""
+    if not evaluate_every or not len(split.valid):
+        return []
+    keys = sorted({f"HR@{k}" for k in config.ks} | {f"NDCG@{config.ks[0]}", config.selection_metric})
+    out = [RetrievalEvaluation(lambda: evaluate(model, split, "valid", config.ks), every=evaluate_every, keys=keys)]
+    if config.patience:
+        out.append(tf.keras.callbacks.EarlyStopping(monitor="val_" + config.selection_metric, mode="max",
+                                                    patience=config.patience, restore_best_weights=True))
+    return out
 
 
 def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
           callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None) -> TrainResult:
-    """Builds and fits a model on ``split.train``; reports validation metrics each ``evaluate_every`` epochs
-    (0: never) and returns test metrics. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains
-    exactly that many batches as one epoch instead of ``config.epochs`` passes."""
+    """Builds and fits a model on ``split.train`` (the validation and test items are never trained on).
+
+    Every ``evaluate_every`` epochs (0: never) the model is evaluated on the validation split; with
+    ``config.patience`` > 0 training stops after that many epochs without improvement of
+    ``config.selection_metric`` and the best epoch's weights are restored (``best_epoch``). A NaN or infinite
+    loss raises :class:`~tfrec_recall.callbacks.NonFiniteLossError`. Returns validation and test metrics of
+    the returned model. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains exactly that many
+    batches as one epoch instead of ``config.epochs`` passes."""
     if max_steps is not None:
         require_positive_int("max_steps", max_steps)
     set_seed(config.seed)
@@ -150,15 +172,17 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
     epochs = config.epochs
     if max_steps is not None:
         dataset, epochs = dataset.take(max_steps), 1
-    callbacks = list(callbacks)
-    if evaluate_every and len(split.valid):
-        callbacks.append(RetrievalEvaluation(lambda: evaluate(model, split, "valid", config.ks), every=evaluate_every,
-                                             keys=[f"HR@{k}" for k in config.ks] + [f"NDCG@{config.ks[0]}"]))
+    guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
+    selection = _selection_callbacks(model, config, split, evaluate_every)
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=callbacks)
+    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=[guard, *selection, *callbacks])
     seconds = time.perf_counter() - start
+    stopper = [c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)]
+    best_epoch = stopper[0].best_epoch + 1 if stopper and stopper[0].best_weights is not None else None
+    valid = evaluate(model, split, "valid", config.ks) if len(split.valid) else {}
     metrics = evaluate(model, split, "test", config.ks) if len(split.test) else {}
-    return TrainResult(model, {k: [float(x) for x in v] for k, v in history.history.items()}, metrics, seconds)
+    return TrainResult(model, {k: [float(x) for x in v] for k, v in history.history.items()}, metrics, seconds,
+                       valid, best_epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +236,8 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
         items = split.data.items
         embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.encoder.specs))
         np.savez(tmp / "candidates.npz", ids=items.astype(str), embeddings=embeddings)
-        (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics,
+        (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics, "valid": result.valid_metrics,
+                                                      "best_epoch": result.best_epoch,
                                                       "train_seconds": result.train_seconds}, indent=2))
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
         (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.encoder.specs)))

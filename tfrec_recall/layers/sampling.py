@@ -1,11 +1,12 @@
 """Negative samplers over the item corpus.
 
 :class:`CorpusNegativeSampler` draws ``num_negatives`` items per training step (shared by the whole batch),
-with replacement, from q(y) proportional to ``count(y) ** beta``: ``beta = 0`` is global uniform, ``0 < beta < 1``
+with replacement, from u(y) proportional to ``count(y) ** beta``: ``beta = 0`` is global uniform, ``0 < beta < 1``
 popularity-damped (word2vec's 0.75), ``beta = 1`` the unigram distribution. It returns the items' raw features
-(the candidate tower embeds them), their ids (for accidental-hit removal) and log of their expected count in
-the draw, log(num_negatives * q(y)), for the logQ correction. Mixed negatives (Yang et al. 2020) are this
-sampler plus in-batch negatives in :class:`~tfrec_recall.losses.RetrievalTask`.
+(the candidate tower embeds them), their ids (for accidental-hit removal) and their expected count in the
+draw, M * u(y) with M = ``num_negatives``; :meth:`expected_counts` gives M * u(y) for any ids (0 outside the
+corpus), which the logQ correction of mixed negatives needs for the in-batch candidates too (Yang et al.
+2020: one candidate set, each candidate corrected by log(B * q(y) + M * u(y))).
 """
 from __future__ import annotations
 
@@ -55,19 +56,27 @@ class CorpusNegativeSampler(tf.keras.layers.Layer):
         self._counts = None if counts is None else counts
         self._features = to_tensors(arrays)
         self._logits = tf.constant(np.log(np.maximum(self.probabilities, 1e-30)), dtype=tf.float32)
-        self._log_expected = tf.constant(np.log(np.maximum(self.probabilities * num_negatives, 1e-30)),
-                                         dtype=tf.float32)
+        self._expected = tf.constant(self.probabilities * num_negatives, dtype=tf.float32)
+        ids = self._features[id_feature]
+        self._row_of = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(ids, tf.range(n, dtype=tf.int64)), default_value=-1)
         self._generator = tf.random.Generator.from_seed(seed)
 
     def call(self, inputs=None):
         return self.sample()
 
     def sample(self):
-        """Returns (features, ids, log_expected_count) of one draw of ``num_negatives`` items."""
+        """Returns (features, ids, expected counts M * u(y)) of one draw of ``num_negatives`` items."""
         seed = self._generator.make_seeds(1)[:, 0]
         index = tf.random.stateless_categorical(self._logits[None, :], self.num_negatives, seed=seed)[0]
         features: Dict[str, tf.Tensor] = {k: tf.gather(v, index) for k, v in self._features.items()}
-        return features, features[self.id_feature], tf.gather(self._log_expected, index)
+        return features, features[self.id_feature], tf.gather(self._expected, index)
+
+    def expected_counts(self, ids: tf.Tensor) -> tf.Tensor:
+        """M * u(y) of each id in ``ids`` (the expected number of copies in one draw); 0 for ids outside the
+        corpus."""
+        rows = self._row_of.lookup(tf.cast(tf.reshape(ids, [-1]), self._row_of.key_dtype))
+        return tf.where(rows >= 0, tf.gather(self._expected, tf.maximum(rows, 0)), 0.0)
 
     def get_config(self):
         return {**super().get_config(),

@@ -4,9 +4,17 @@ Variants are made by what is plugged in, not by flags:
 
 * ids only / side features: the towers' feature specs;
 * DSSM MLP, SENet, residual or YouTubeDNN user tower: the tower classes;
-* sampling-bias correction: a ``StreamingFrequencyEstimator`` (logQ of in-batch candidates);
+* sampling-bias correction (``logq_correction=True``): every candidate column's logit is corrected by
+  log Q(y), Q(y) = B * q(y) + M * u(y), the expected number of copies of y among the step's candidates:
+  B * q(y) from a ``StreamingFrequencyEstimator`` over the step's positives (in-batch candidates) and
+  M * u(y) from the ``CorpusNegativeSampler`` (sampled candidates); with global negatives only
+  (the task's ``in_batch_negatives=False``) Q(y) = M * u(y), the positive included (Yi et al. 2019;
+  Yang et al. 2020, mixed negative sampling);
 * global / popularity-damped / mixed negatives: a ``CorpusNegativeSampler``;
 * hard negatives, temperature, accidental-hit removal: the task.
+
+``fit`` logs ``loss`` as the mean over the epoch's batches (of the global batch's summed loss), not the last
+batch's value.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from tfrec_recall.layers.sampling import CorpusNegativeSampler
 from tfrec_recall.layers.towers import Tower
 from tfrec_recall.losses import RetrievalTask
 
+MIN_EXPECTED_COUNT = 1e-6  # floor of Q(y) before the log: an item neither seen nor sampleable
 _serialize = tf.keras.utils.serialize_keras_object
 _deserialize = tf.keras.utils.deserialize_keras_object
 
@@ -30,7 +39,7 @@ class TwoTower(tfrs.Model):
     def __init__(self, query_tower: Tower, candidate_tower: Tower, task: Optional[RetrievalTask] = None,
                  frequency_estimator: Optional[StreamingFrequencyEstimator] = None,
                  negative_sampler: Optional[CorpusNegativeSampler] = None, item_id_feature: str = ITEM_ID,
-                 weight_feature: Optional[str] = WEIGHT, **kwargs):
+                 weight_feature: Optional[str] = WEIGHT, logq_correction: bool = False, **kwargs):
         super().__init__(**kwargs)
         for name, tower in (("query_tower", query_tower), ("candidate_tower", candidate_tower)):
             if not isinstance(tower, tf.keras.layers.Layer):
@@ -45,37 +54,88 @@ class TwoTower(tfrs.Model):
         self.negative_sampler = negative_sampler
         self.item_id_feature = item_id_feature
         self.weight_feature = weight_feature
+        self.logq_correction = bool(logq_correction)
+        self._check_negatives()
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+
+    def _check_negatives(self):
+        in_batch = self.task.in_batch_negatives
+        if not in_batch and self.negative_sampler is None:
+            raise ValueError("the task has in_batch_negatives=False (global negatives only) but no negative_sampler "
+                             "is given: there would be no negatives")
+        if self.frequency_estimator is not None and not (self.logq_correction and in_batch):
+            raise ValueError("frequency_estimator is used only with logq_correction=True and in-batch negatives; "
+                             f"got logq_correction={self.logq_correction}, in_batch_negatives={in_batch}")
+        if self.logq_correction and in_batch and self.frequency_estimator is None:
+            raise ValueError("logq_correction=True with in-batch negatives needs a frequency_estimator (the "
+                             "expected count of each in-batch candidate)")
 
     def call(self, features, training=False):
         """Query embeddings of ``features`` (the retrieval model's serving path)."""
         return self.query_tower(features, training=training)
 
-    def _candidate_log_q(self, ids, training):
-        if self.frequency_estimator is None:
-            return None
+    def _batch_counts(self, ids, training):
+        """B * q(y) of the step's positives; in training the estimator first records the (global) batch."""
         estimator = self.frequency_estimator
         buckets = estimator.hash(ids)  # hashed once per step, for both the update and the lookup
         if not training:
-            return tf.math.log(estimator.probability_from_buckets(buckets))
+            return estimator.count_from_buckets(buckets)
         seen = buckets
         ctx = tf.distribute.get_replica_context()
         if ctx is not None and ctx.num_replicas_in_sync > 1:
             seen = ctx.all_gather(buckets, axis=1)  # every replica records the same global batch
         with tf.control_dependencies([estimator.update_buckets(seen)]):
-            return tf.math.log(estimator.probability_from_buckets(buckets))
+            return estimator.count_from_buckets(buckets)
+
+    def log_q(self, ids, negative_ids=None, training=False):
+        """``candidate_log_q`` / ``negative_log_q`` for the task: log Q(y) = log(B * q(y) + M * u(y)) of each
+        in-batch candidate (``ids``) and sampled one (``negative_ids``); in training the estimator first
+        records the batch."""
+        in_batch = self.task.in_batch_negatives
+
+        def log_expected(x, batch_count):
+            sampled = 0.0 if self.negative_sampler is None else self.negative_sampler.expected_counts(x)
+            return tf.math.log(tf.maximum(batch_count + sampled, MIN_EXPECTED_COUNT))
+
+        out = {"candidate_log_q": log_expected(ids, self._batch_counts(ids, training) if in_batch else 0.0)}
+        if negative_ids is not None:
+            out["negative_log_q"] = log_expected(negative_ids,
+                                                 self.frequency_estimator(negative_ids) if in_batch else 0.0)
+        return out
 
     def compute_loss(self, features, training=False):
         query = self.query_tower(features, training=training)
         candidate = self.candidate_tower(features, training=training)
         ids = features[self.item_id_feature]
         weight = features.get(self.weight_feature) if self.weight_feature else None
-        negatives = {}
+        negatives, negative_ids = {}, None
         if self.negative_sampler is not None:
-            neg_features, neg_ids, neg_log_q = self.negative_sampler.sample()
+            neg_features, negative_ids, _ = self.negative_sampler.sample()
             negatives = dict(negative_embeddings=self.candidate_tower(neg_features, training=training),
-                             negative_ids=neg_ids, negative_log_q=neg_log_q)
-        return self.task(query, candidate, sample_weight=weight, candidate_ids=ids,
-                         candidate_log_q=self._candidate_log_q(ids, training), **negatives)
+                             negative_ids=negative_ids)
+        log_q = self.log_q(ids, negative_ids, training) if self.logq_correction else {}
+        return self.task(query, candidate, sample_weight=weight, candidate_ids=ids, **negatives, **log_q)
+
+    def train_step(self, inputs):
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(inputs, training=True)
+            regularization_loss = tf.reduce_sum(tf.stack(self.losses)) if self.losses else 0.0
+            total_loss = loss + regularization_loss
+        gradients = tape.gradient(total_loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return self._logs(loss, regularization_loss)
+
+    def test_step(self, inputs):
+        loss = self.compute_loss(inputs, training=False)
+        return self._logs(loss, tf.reduce_sum(tf.stack(self.losses)) if self.losses else 0.0)
+
+    def _logs(self, loss, regularization_loss):
+        # Each replica's loss sums its own queries: weights 1/R make the tracker's mean the global batch's sum.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self.loss_tracker.update_state(loss * replicas, sample_weight=1.0 / replicas)
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs["regularization_loss"] = regularization_loss
+        return logs
 
     def get_config(self):
         return {"name": self.name, "query_tower": _serialize(self.query_tower),
@@ -83,7 +143,8 @@ class TwoTower(tfrs.Model):
                 "frequency_estimator": (None if self.frequency_estimator is None
                                         else _serialize(self.frequency_estimator)),
                 "negative_sampler": None if self.negative_sampler is None else _serialize(self.negative_sampler),
-                "item_id_feature": self.item_id_feature, "weight_feature": self.weight_feature}
+                "item_id_feature": self.item_id_feature, "weight_feature": self.weight_feature,
+                "logq_correction": self.logq_correction}
 
     @classmethod
     def from_config(cls, config):

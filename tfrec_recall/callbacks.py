@@ -1,0 +1,33 @@
+"""Training guards as Keras callbacks."""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the epoch, the batch and likely causes."""
+
+
+class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
+    """Raises :class:`NonFiniteLossError` at the first batch whose logged loss is NaN or infinite, instead of
+    training on (Keras' ``TerminateOnNaN`` stops quietly and the run would report metrics of a broken model).
+    ``hint`` names the settings most likely at fault, e.g. ``"learning_rate=0.1, temperature=0.05"``."""
+
+    def __init__(self, hint: str = ""):
+        super().__init__()
+        self.hint = hint
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            causes = f" ({self.hint})" if self.hint else ""
+            raise NonFiniteLossError(
+                f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}: the learning "
+                f"rate may be too high or the temperature too low{causes}; lower the learning rate or raise the "
+                "temperature")
