@@ -1,4 +1,5 @@
 """Readers (well-formed and malformed input), the synthetic default, splits and leakage, tf.data, TFRecords."""
+import dataclasses
 import logging
 
 import numpy as np
@@ -290,3 +291,147 @@ def test_dataset_and_tfrecord_round_trip(tmp_path, small_split):
     with pytest.raises(RuntimeError, match="cannot stringify"):
         write_tfrecords({"item_id": ids}, tmp_path / "broken", num_shards=2)
     assert not (tmp_path / "broken").exists() and not list(tmp_path.glob("broken.tmp-*"))
+
+
+# --- temporal leakage on the timestamp column (issue 9) --------------------------------------------------------
+
+def _with_file_position(rows, raw):
+    """``rows`` of a split with ``pos``, the row's 0-based line in the file (``data.interactions`` order), and
+    ``file_ts``, the file's timestamp of that (user, item) interaction."""
+    keyed = raw[["user_id", "item_id", "timestamp"]].rename(columns={"timestamp": "file_ts"})
+    keyed = keyed.assign(pos=np.arange(len(raw)))
+    out = rows.merge(keyed, on=["user_id", "item_id"], how="left", validate="one_to_one")
+    assert out["pos"].notna().all(), "a split row is not an interaction of the file"
+    return out
+
+
+def _assert_time_split(split):
+    """Leave-last-out on the ACTUAL timestamps: per user, every training interaction has timestamp <= the
+    validation timestamp <= the test timestamp, and ties at those boundaries are broken by file order
+    (training rows before the validation row before the test row in the file). Valid / test histories hold
+    only that user's training items (taken from ``split.train``, not from ``train_items``), none later than
+    the row's own timestamp, the most recent ``history_length`` first."""
+    raw = split.data.interactions.reset_index(drop=True)
+    assert not raw.duplicated(["user_id", "item_id"]).any()  # (user, item) names one line of the file
+    # A partition of the file's interactions, with the file's timestamps.
+    parts = pd.concat([split.train, split.valid, split.test])[["user_id", "item_id", "timestamp"]]
+    assert sorted(map(tuple, parts.to_numpy().tolist())) == sorted(map(tuple, raw[parts.columns].to_numpy().tolist()))
+    train = _with_file_position(split.train, raw)
+    valid = _with_file_position(split.valid, raw).set_index("user_id")
+    test = _with_file_position(split.test, raw).set_index("user_id")
+    for rows in (train, valid, test):
+        assert (rows["timestamp"].to_numpy() == rows["file_ts"].to_numpy()).all()
+    assert valid.index.is_unique and test.index.is_unique and set(valid.index) == set(test.index)
+    counts = raw.groupby("user_id").size()
+    assert set(test.index) == set(counts[counts >= 3].index)
+    # Boundaries on the timestamp column.
+    last_train = train.sort_values(["user_id", "timestamp", "pos"]).groupby("user_id").last().loc[test.index]
+    v_ts, t_ts, tr_ts = valid.loc[test.index, "timestamp"], test["timestamp"], last_train["timestamp"]
+    late = tr_ts.to_numpy() > v_ts.to_numpy()
+    assert not late.any(), f"training interactions after validation for users {list(test.index[late][:5])}"
+    late = v_ts.to_numpy() > t_ts.to_numpy()
+    assert not late.any(), f"validation after test for users {list(test.index[late][:5])}"
+    # Ties at a boundary: file order decides.
+    v_pos, t_pos, tr_pos = valid.loc[test.index, "pos"], test["pos"], last_train["pos"]
+    bad = ((tr_ts == v_ts) & (tr_pos > v_pos)) | ((v_ts == t_ts) & (v_pos > t_pos))
+    assert not bad.any(), f"timestamp tie not broken by file order for users {list(test.index[bad.to_numpy()][:5])}"
+    # Histories of valid / test rows: only the user's training items, none later than the row.
+    train_sorted = train.sort_values(["user_id", "timestamp", "pos"], kind="mergesort")
+    train_items = train_sorted.groupby("user_id")["item_id"].agg(list)
+    file_ts = raw.set_index(["user_id", "item_id"])["timestamp"]
+    for rows in (valid, test):
+        for user, item, ts, history in zip(rows.index, rows["item_id"], rows["timestamp"], rows["history"]):
+            own = train_items.get(user, [])
+            assert set(history) <= set(own), f"user {user}: history {history} has non-training items"
+            assert item not in history and valid.loc[user, "item_id"] not in history
+            assert all(file_ts[(user, h)] <= ts for h in history), f"user {user}: history later than the row"
+            assert list(history) == own[::-1][:split.history_length]
+
+
+@REQUIRES_ML100K
+def test_ml100k_leave_last_out_is_ordered_by_real_timestamps():
+    data = read_movielens_100k(ML100K)
+    split = leave_last_out(data, history_length=20)
+    _assert_time_split(split)
+    _assert_no_leakage(split)
+    assert len(split.test) == len(split.valid) == 943  # every ML100K user has >= 20 ratings
+    # Real data has ties exactly at the boundaries (several ratings in the same second: 415 users have
+    # valid ts == test ts, 422 last-training ts == valid ts), so the file-order tie-break is exercised.
+    v = split.valid.set_index("user_id")["timestamp"]
+    t = split.test.set_index("user_id")["timestamp"].loc[v.index]
+    last_train = split.train.groupby("user_id")["timestamp"].max().loc[v.index]
+    assert (v == t).sum() > 100 and (last_train == v).sum() > 100
+
+
+def test_small_split_is_ordered_by_timestamps(small_split):
+    _assert_time_split(small_split)
+
+
+def test_leave_last_out_ties_at_every_boundary_break_by_file_order():
+    rows = [("u1", "m1", 100),   # line 0
+            ("u2", "m9", 50),    # line 1
+            ("u1", "m2", 200),   # line 2
+            ("u1", "m3", 300),   # line 3
+            ("u2", "m8", 50),    # line 4
+            ("u1", "m4", 300),   # line 5
+            ("u1", "m5", 300),   # line 6
+            ("u2", "m7", 40),    # line 7
+            ("u2", "m6", 50)]    # line 8
+    split = leave_last_out(_frame(rows), history_length=2)
+    # u1 by (timestamp, line): m1 (100, 0) < m2 (200, 2) < m3 (300, 3) < m4 (300, 5) < m5 (300, 6):
+    #   test m5, valid m4, train m1 m2 m3; training m3 ties with both held-out rows at t = 300.
+    # u2 by (timestamp, line): m7 (40, 7) < m9 (50, 1) < m8 (50, 4) < m6 (50, 8):
+    #   test m6, valid m8, train m7 m9 (the file is not in time order; three ties at t = 50).
+    assert split.test.set_index("user_id")["item_id"].to_dict() == {"u1": "m5", "u2": "m6"}
+    assert split.valid.set_index("user_id")["item_id"].to_dict() == {"u1": "m4", "u2": "m8"}
+    assert split.train_items == {"u1": ["m1", "m2", "m3"], "u2": ["m7", "m9"]}
+    # History length 2: the last two training items, most recent first.
+    assert split.test.set_index("user_id")["history"].to_dict() == {"u1": ("m3", "m2"), "u2": ("m9", "m7")}
+    assert split.valid.set_index("user_id")["history"].to_dict() == {"u1": ("m3", "m2"), "u2": ("m9", "m7")}
+    _assert_time_split(split)
+    # The same rows with the file reversed: lines become 8 - line, so among u1's t = 300 ties m5 (line 2) <
+    # m4 (line 3) < m3 (line 5): test m3, valid m4, train m1 m2 m5. Ties follow the file, not the item id.
+    reversed_split = leave_last_out(_frame(rows[::-1]), history_length=2)
+    assert reversed_split.test.set_index("user_id").loc["u1", "item_id"] == "m3"
+    assert reversed_split.valid.set_index("user_id").loc["u1", "item_id"] == "m4"
+    assert reversed_split.train_items["u1"] == ["m1", "m2", "m5"]
+    _assert_time_split(reversed_split)
+    # Power: swapping u1's tied valid and test rows keeps every timestamp check true but breaks file order.
+    valid, test = split.valid.copy(), split.test.copy()
+    valid.loc[valid.user_id == "u1", "item_id"], test.loc[test.user_id == "u1", "item_id"] = "m5", "m4"
+    with pytest.raises(AssertionError, match="tie not broken by file order for users \\['u1'\\]"):
+        _assert_time_split(dataclasses.replace(split, valid=valid, test=test))
+
+
+def test_time_split_check_catches_corrupted_splits(small_split):
+    """The helper fails on deliberately broken splits, so the passing checks above have power."""
+    user = small_split.test.user_id.iloc[0]
+    # 1. Shuffled roles: the user's test interaction swapped with their first (earliest) training interaction.
+    train, test = small_split.train.copy(), small_split.test.copy()
+    first = train.index[train.user_id == user][0]
+    held = test.index[test.user_id == user][0]
+    for column in ("item_id", "timestamp"):
+        train.at[first, column], test.at[held, column] = test.at[held, column], train.at[first, column]
+    with pytest.raises(AssertionError, match=f"training interactions after validation for users \\['{user}'\\]"):
+        _assert_time_split(dataclasses.replace(small_split, train=train, test=test))
+    # 2. A shuffled split: leave-last-out by a random order of each user's interactions instead of time,
+    # its rows carrying their true timestamps.
+    data = small_split.data.interactions
+    order = np.random.default_rng(0).permutation(len(data))
+    shuffled = leave_last_out(InteractionData(data.assign(timestamp=order)), history_length=small_split.history_length)
+    true_ts = data.set_index(["user_id", "item_id"])["timestamp"]
+
+    def restore(rows):
+        return rows.assign(timestamp=true_ts.loc[list(zip(rows.user_id, rows.item_id))].to_numpy())
+
+    shuffled = dataclasses.replace(shuffled, data=small_split.data, train=restore(shuffled.train),
+                                   valid=restore(shuffled.valid), test=restore(shuffled.test))
+    with pytest.raises(AssertionError, match="training interactions after validation"):
+        _assert_time_split(shuffled)
+    # 3. A leaked history: the user's test item in their validation history.
+    valid = small_split.valid.copy()
+    row = valid.index[valid.user_id == user][0]
+    leaked = small_split.test.set_index("user_id").loc[user, "item_id"]
+    valid.at[row, "history"] = (leaked,) + valid.at[row, "history"][1:]
+    with pytest.raises(AssertionError, match=f"user {user}: history .* has non-training items"):
+        _assert_time_split(dataclasses.replace(small_split, valid=valid))
