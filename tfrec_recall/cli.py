@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from tfrec_recall.config import PRESETS, ConfigError, load_config
+from tfrec_recall.config import DEFAULT_PRESET, PRESETS, ConfigError, load_config
 from tfrec_recall.data.registry import DATASETS, SPLITS, load_dataset, make_split, parse_column_map, split_from_args
 from tfrec_recall.data.schema import DataError
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
     train.add_argument("--split", choices=SPLITS, default="leave_last_out")
     train.add_argument("--history-length", type=int, default=50)
-    train.add_argument("--model", choices=sorted(PRESETS), default="two_tower")
+    train.add_argument("--model", choices=sorted(PRESETS), default=DEFAULT_PRESET)
     train.add_argument("--config", help="YAML file overriding the preset's configuration keys")
     train.add_argument("--epochs", type=int, help="override the configuration's epochs (the most trained)")
     train.add_argument("--learning-rate", type=float, help="override the configuration's learning_rate")
@@ -68,9 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--scann-leaves-to-search", type=int, default=None)
     export.add_argument("--data-dir", help="override the dataset location saved with the model")
 
-    serve = sub.add_parser("serve", help="local gRPC server with TF Serving's API over an export directory")
-    serve.add_argument("--model-dir", required=True, help="the export base path (version directories inside)")
-    serve.add_argument("--model-name", required=True)
+    serve = sub.add_parser("serve", help="local gRPC server with TF Serving's API over an export directory or a "
+                                          "TF Serving model config file")
+    serve.add_argument("--model-dir", help="the export base path (version directories inside); serves the newest")
+    serve.add_argument("--model-name", help="the model's name in requests (with --model-dir)")
+    serve.add_argument("--model-config-file",
+                       help="a TF Serving model config (e.g. serving/models.config): its models, version policies "
+                            "and version labels; relative base_path from the file's directory. Instead of "
+                            "--model-dir/--model-name")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8500, help="0 picks a free port (printed)")
     serve.add_argument("--poll-seconds", type=float, default=2.0)
@@ -208,8 +213,15 @@ def _history_feature(path) -> Optional[str]:
 
 def _serve(args) -> int:
     from tfrec_recall.serving.server import serve
+    if args.model_config_file is not None:
+        given = [flag for flag, value in (("--model-dir", args.model_dir), ("--model-name", args.model_name))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"--model-config-file names the models; drop {' and '.join(given)}")
+    elif args.model_dir is None or args.model_name is None:
+        raise ConfigError("serve needs --model-dir and --model-name, or --model-config-file")
     serve(args.model_dir, args.model_name, host=args.host, port=args.port, poll_seconds=args.poll_seconds,
-          workers=args.workers, max_batch_size=args.max_batch_size)
+          workers=args.workers, max_batch_size=args.max_batch_size, model_config_file=args.model_config_file)
     return 0
 
 
