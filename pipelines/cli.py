@@ -4,11 +4,14 @@ command runs."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 import warnings
 from pathlib import Path
 from typing import Dict
+
+from tfrec_recall.config import DEFAULT_PRESET
 
 BUILTIN_DATA = ("synthetic", "ml-100k")
 
@@ -23,6 +26,16 @@ def _threshold(text: str):
         raise argparse.ArgumentTypeError(f"expected METRIC=VALUE (e.g. HR@50=0.1), got {text!r}") from None
 
 
+def _margin(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _common(parser) -> None:
     parser.add_argument("--data", required=True,
                         help=f"a directory of interaction CSVs (or TFRecords with --data-format tfrecord), or a "
@@ -35,14 +48,17 @@ def _common(parser) -> None:
     parser.add_argument("--id-type", choices=("string", "int"), default=None,
                         help="type of user/item ids in the input (default: string; int for ml-100k)")
     parser.add_argument("--schema", help="a TFDV schema .pbtxt replacing the packaged interaction schema")
-    parser.add_argument("--model", default="youtube_dnn_mixed", help="configuration preset")
+    parser.add_argument("--model", default=DEFAULT_PRESET, help="configuration preset")
     parser.add_argument("--config", help="YAML file overriding the preset's configuration keys")
     parser.add_argument("--epochs", type=int, help="override the configuration's epochs")
     parser.add_argument("--train-steps", type=int, help="train exactly this many batches (TFX num_steps)")
     parser.add_argument("--history-length", type=int, default=50)
     parser.add_argument("--threshold", type=_threshold, action="append", default=None, metavar="METRIC=VALUE",
-                        help="bless only at or above this value (repeatable; default HR@50=0.05)")
-    parser.add_argument("--margin", type=float, default=0.01,
+                        help="also require this absolute lower bound (repeatable; default none)")
+    parser.add_argument("--popularity-margin", type=_margin, default=0.02, metavar="HR",
+                        help="bless only when validation HR@50 beats the most-popular ranker's by more than "
+                             "this ABSOLUTE amount of HR@50 (default 0.02)")
+    parser.add_argument("--margin", type=_margin, default=0.01,
                         help="largest drop below the latest blessed model's HR@50 / NDCG@10 still blessed")
     parser.add_argument("--index", choices=("brute_force", "ivf", "scann"), default="brute_force")
     parser.add_argument("--k", type=int, default=100)
@@ -108,7 +124,8 @@ def _build(args, metadata: bool):
         serving_dir=args.serving_dir, data_format=args.data_format, id_type=id_type or "string",
         schema_file=args.schema, history_length=args.history_length, preset=args.model,
         config=_config_overrides(args), train_steps=args.train_steps,
-        thresholds=dict(args.threshold) if args.threshold else None, margin=args.margin, index=args.index,
+        thresholds=dict(args.threshold) if args.threshold else None, margin=args.margin,
+        popularity_margin=args.popularity_margin, index=args.index,
         k=args.k, enable_cache=not getattr(args, "no_cache", False),
         metadata_path=metadata_path(args.pipeline_root) if metadata else None, beam_pipeline_args=args.beam_arg)
 

@@ -6,15 +6,15 @@ these wrappers only move artifacts and record results in ML Metadata.
 * ``ProtocolSplit``: refuses to go on when ExampleValidator found anomalies (the error lists them), then splits
   the validated interactions by PROTOCOL.md with causal history in a Beam transform -> train / eval / test.
 * ``RetrievalEvaluator``: full-corpus HR@K, Recall@K, NDCG@K and coverage of the trained model on the eval and test
-  splits (and of the latest blessed model, when the Resolver found one, on the same data); blesses by absolute
-  thresholds and by not falling behind the baseline by more than a margin. Writes metrics.json, report.html and
-  report.png.
+  splits, of the most-popular ranker (``tfrec_recall.baselines``) on the same rows, and of the latest blessed
+  model when the Resolver found one, on the same data. Blesses only when the model's HR@50 beats the most-popular
+  ranker's by ``popularity_margin`` (absolute), meets the optional absolute thresholds and does not fall behind
+  the latest blessed model by more than ``margin``. Writes metrics.json, report.html and report.png.
 * ``RetrievalExporter``: the SavedModel with the index inside (``Format-Serving``), in TF Serving's layout.
 * ``ExportInfraCheck``: loads that export in a fresh process and answers one request; an ``InfraBlessing``.
 """
 # No "from __future__ import annotations": TFX reads the component signatures at definition time.
 
-import glob
 import json
 import os
 from typing import Dict, List
@@ -26,6 +26,8 @@ from tfx.components.util import examples_utils
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 from tfx.types.standard_artifacts import ExampleAnomalies, Examples, InfraBlessing, Model, ModelBlessing, ModelEvaluation
+
+import tensorflow as tf  # after tfx and tfrec_recall's selection of tf-keras
 
 from tfrec_recall.data.protocol import SPLITS
 
@@ -44,10 +46,10 @@ def anomaly_report(anomalies_uri: str) -> List[str]:
     """One line per anomaly of an ExampleAnomalies artifact: ``split: column: short (description)``."""
     from tensorflow_metadata.proto.v0 import anomalies_pb2
     lines = []
-    for path in sorted(glob.glob(os.path.join(anomalies_uri, "Split-*", "SchemaDiff.pb"))):
+    for path in sorted(tf.io.gfile.glob(os.path.join(anomalies_uri, "Split-*", "SchemaDiff.pb"))):
         split = os.path.basename(os.path.dirname(path))[len("Split-"):]
         proto = anomalies_pb2.Anomalies()
-        with open(path, "rb") as f:
+        with tf.io.gfile.GFile(path, "rb") as f:
             proto.ParseFromString(f.read())
         for column, info in sorted(proto.anomaly_info.items()):
             lines.append(f"{split}: column {column!r}: {info.short_description} ({info.description})")
@@ -88,10 +90,12 @@ def ProtocolSplit(examples: InputArtifact[Examples], anomalies: InputArtifact[Ex
 def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[Model],
                        evaluation: OutputArtifact[ModelEvaluation], blessing: OutputArtifact[ModelBlessing],
                        baseline_model: InputArtifact[Model] = None,
-                       thresholds_json: Parameter[str] = '{"HR@50": 0.05}',
+                       thresholds_json: Parameter[str] = "{}",
                        compare_metrics_json: Parameter[str] = '["HR@50", "NDCG@10"]',
-                       margin: Parameter[float] = 0.01, blessing_split: Parameter[str] = "eval",
+                       margin: Parameter[float] = 0.01, popularity_margin: Parameter[float] = 0.02,
+                       blessing_split: Parameter[str] = "eval",
                        ks_json: Parameter[str] = "[10, 50, 100]") -> None:
+    from tfrec_recall.baselines import most_popular_metrics
     from tfrec_recall.data.protocol import read_split_examples
     from tfrec_recall.pipeline_steps import evaluate_model, judge, write_report
     from tfrec_recall.train import load_run_config
@@ -108,33 +112,44 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
         if history_length not in splits:
             splits[history_length] = read_split_examples(examples.uri, history_length)
         out = evaluate_model(model_dir, splits[history_length], list(which.values()), ks)
-        return {name: out[key] for name, key in which.items()}, len(splits[history_length].data.items)
+        return {name: out[key] for name, key in which.items()}, splits[history_length]
 
-    metrics, corpus_size = metrics_of(model)
+    metrics, split = metrics_of(model)
+    # The most-popular ranker on the same rows (its ranking does not depend on the history length).
+    popularity = {name: most_popular_metrics(split, key, ks) for name, key in which.items()}
     baseline = None
     if baseline_model is not None and baseline_model.id != model.id:
         baseline, _ = metrics_of(baseline_model)
     verdict = judge(metrics[blessing_split], thresholds, baseline[blessing_split] if baseline else None, margin,
-                    compare)
+                    compare, popularity=popularity[blessing_split], popularity_margin=popularity_margin)
     result = {"blessed": verdict["blessed"], "checks": verdict["checks"], "blessing_split": blessing_split,
-              "margin": margin, "model": model.uri, "model_id": model.id,
+              "margin": margin, "popularity_margin": popularity_margin, "model": model.uri, "model_id": model.id,
               "baseline_model": baseline_model.uri if baseline else None,
               "baseline_model_id": baseline_model.id if baseline else None,
-              "metrics": metrics, "baseline_metrics": baseline,
-              "candidates": corpus_size}
+              "metrics": metrics, "popularity_metrics": popularity, "baseline_metrics": baseline,
+              "candidates": len(split.data.items)}
     write_report(evaluation.uri, result)
+    _record_verdict(result, verdict, model, baseline_model if baseline else None, evaluation, blessing)
+
+
+def _record_verdict(result, verdict, model, baseline_model, evaluation, blessing) -> None:
+    """The blessing (BLESSED / NOT_BLESSED file and custom properties) and the evaluation's ML Metadata
+    properties: the blessing split's metrics and the most-popular ranker's (``popularity_<metric>``)."""
     blessed = int(verdict["blessed"])
     blessing.set_int_custom_property("blessed", blessed)
     blessing.set_string_custom_property("current_model", model.uri)
     blessing.set_int_custom_property("current_model_id", model.id)
-    if baseline:
+    if baseline_model is not None:
         blessing.set_string_custom_property("baseline_model", baseline_model.uri)
         blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
-    with open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
-        json.dump(verdict, f, indent=2)
+    with tf.io.gfile.GFile(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
+        f.write(json.dumps(verdict, indent=2))
+    split = result["blessing_split"]
     evaluation.set_int_custom_property("blessed", blessed)
-    for name, value in metrics[blessing_split].items():
-        evaluation.set_float_custom_property(name, float(value))
+    evaluation.set_float_custom_property("popularity_margin", float(result["popularity_margin"]))
+    for prefix, values in (("", result["metrics"][split]), ("popularity_", result["popularity_metrics"][split])):
+        for name, value in values.items():
+            evaluation.set_float_custom_property(prefix + name, float(value))
 
 
 @tfx.dsl.components.component
@@ -155,5 +170,6 @@ def ExportInfraCheck(model: InputArtifact[Model], blessing: OutputArtifact[Infra
     blessing.set_int_custom_property("blessed", int(result["ok"]))
     if not result["ok"]:
         blessing.set_string_custom_property("error", result["error"][:2000])
-    with open(os.path.join(blessing.uri, "INFRA_BLESSED" if result["ok"] else "INFRA_NOT_BLESSED"), "w") as f:
-        json.dump(result, f, indent=2)
+    with tf.io.gfile.GFile(os.path.join(blessing.uri, "INFRA_BLESSED" if result["ok"] else "INFRA_NOT_BLESSED"),
+                           "w") as f:
+        f.write(json.dumps(result, indent=2))

@@ -4,7 +4,8 @@ and (only when blessed) pushed retrieval model.
     ExampleGen (CsvExampleGen | ImportExampleGen) -> StatisticsGen -> ImportSchemaGen -> ExampleValidator
       -> ProtocolSplit (Beam: leave-last-out + causal history; stops on anomalies)
       -> Trainer (run_fn = tfrec_recall.pipeline_steps.run_fn)
-      -> RetrievalEvaluator (+ Resolver: latest blessed model as baseline)
+      -> RetrievalEvaluator (blesses a model that beats the most-popular ranker by ``popularity_margin`` HR@50
+         and does not fall behind the latest blessed model, which the Resolver finds, by more than ``margin``)
       -> RetrievalExporter (SavedModel with the index inside) -> ExportInfraCheck (fresh process)
       -> Pusher (filesystem, versioned; only blessed and infra-blessed models; a model already in the
          serving directory is not copied again)
@@ -15,6 +16,7 @@ dropped column or a changed type, which is what ExampleValidator is here to catc
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Mapping, Optional, Sequence
@@ -22,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 from tfx import v1 as tfx
 
 from pipelines.pusher import Pusher
+from tfrec_recall.config import DEFAULT_PRESET
 
 from pipelines.components import ExportInfraCheck, ProtocolSplit, RetrievalEvaluator, RetrievalExporter
 
@@ -49,10 +52,11 @@ def _check(condition: bool, name: str, value, what: str) -> None:
 
 def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, serving_dir: str,
                     data_format: str = "csv", id_type: str = "string", schema_file: Optional[str] = None,
-                    history_length: int = 50, preset: str = "youtube_dnn_mixed",
+                    history_length: int = 50, preset: str = DEFAULT_PRESET,
                     config: Optional[Mapping[str, Any]] = None, train_steps: Optional[int] = None,
                     thresholds: Optional[Mapping[str, float]] = None,
                     compare_metrics: Sequence[str] = ("HR@50", "NDCG@10"), margin: float = 0.01,
+                    popularity_margin: float = 0.02,
                     blessing_split: str = "eval", index: str = "brute_force", k: int = 100,
                     enable_cache: bool = True, metadata_path: Optional[str] = None,
                     beam_pipeline_args: Sequence[str] = ()) -> tfx.dsl.Pipeline:
@@ -63,20 +67,24 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
       data_root: a directory of interaction CSV files (``data_format="csv"``) or of gzipped TFRecord files of
         ``tf.Example`` (``"tfrecord"``) with ``user_id``, ``item_id``, ``timestamp`` and optionally ``weight``
         and ``row_number`` (see ``tfrec_recall.data.protocol``).
-      serving_dir: the model base path pushed to (``<serving_dir>/<unix time>/saved_model.pb``), which
+      serving_dir: the model base path pushed to (``<serving_dir>/<N>/saved_model.pb``, N sequential from 1), which
         ``tfrec-recall serve`` and TF Serving read.
       id_type: ``"string"`` or ``"int"`` ids in the input (selects the packaged schema); ``schema_file``
         replaces the packaged schema altogether.
       preset / config: a ``tfrec_recall.config`` preset and overrides of its keys (the Trainer's
         ``custom_config``); ``train_steps`` caps training at that many batches (TFX ``train_args.num_steps``).
-      thresholds: absolute lower bounds on metrics of ``blessing_split`` (default ``{"HR@50": 0.05}``);
-        ``compare_metrics`` must not fall more than ``margin`` below the latest blessed model's.
+      popularity_margin / thresholds / compare_metrics / margin: the blessing, on ``blessing_split``. The
+        model's HR@50 must beat the most-popular ranker's (``tfrec_recall.baselines.most_popular_metrics``:
+        items by training count, the same rows and protocol) by more than ``popularity_margin``, an ABSOLUTE
+        difference of HR@50 (0.02: two percentage points), not a ratio. Every ``thresholds`` metric must be
+        >= its absolute bound (default none). Every ``compare_metrics`` metric must not fall more than
+        ``margin`` (absolute) below the latest blessed model's, recomputed on the same data.
       index / k: the index exported with the model and the number of results it returns.
       metadata_path: an SQLite ML Metadata file (local runs); None leaves the connection to the orchestrator.
       beam_pipeline_args: passed to every Beam-based component (e.g. ``--runner=FlinkRunner``).
     """
     from tfrec_recall.config import PRESETS, ConfigError
-    from tfrec_recall.pipeline_steps import trainer_config
+    from tfrec_recall.pipeline_steps import POPULARITY_METRIC, trainer_config
     _check(isinstance(pipeline_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", pipeline_name) is not None,
            "pipeline_name", pipeline_name, "must be lower-case letters, digits and '-' (Kubeflow V2's rule)")
     for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):
@@ -89,10 +97,12 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     _check(isinstance(k, int) and k >= 1, "k", k, "must be a positive integer")
     _check(train_steps is None or (isinstance(train_steps, int) and train_steps >= 1), "train_steps",
            train_steps, "must be None or a positive integer")
-    _check(isinstance(margin, (int, float)) and margin >= 0, "margin", margin, "must be a number >= 0")
+    for name, value in (("margin", margin), ("popularity_margin", popularity_margin)):
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+               and value >= 0, name, value, "must be a finite number >= 0")
     _check(preset in PRESETS, "preset", preset, f"must be one of {sorted(PRESETS)}")
     schema_file = schema_file or default_schema(id_type)
-    thresholds = dict({"HR@50": 0.05} if thresholds is None else thresholds)
+    thresholds = dict(thresholds or {})
     overrides = {**dict(config or {}), "history_length": history_length}
     _check(not overrides.get("use_side_features"), "config", {"use_side_features": True},
            "is not supported: the pipeline's examples carry interactions only, no side-feature tables")
@@ -104,6 +114,8 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     for name in list(thresholds) + list(compare_metrics):
         _check(name in metric_names, "metric", name, f"is not computed (ks {list(run_config.ks)}); "
                f"use one of {sorted(metric_names)}")
+    _check(POPULARITY_METRIC in metric_names, "config ks", list(run_config.ks),
+           f"must include {POPULARITY_METRIC.split('@')[1]}: the popularity check compares {POPULARITY_METRIC}")
 
     # One raw split: ProtocolSplit makes train / eval / test by the protocol, not by hash buckets.
     raw = tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
@@ -133,6 +145,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         examples=split.outputs["split_examples"], model=trainer.outputs["model"],
         baseline_model=resolver.outputs["model"], thresholds_json=json.dumps(thresholds, sort_keys=True),
         compare_metrics_json=json.dumps(list(compare_metrics)), margin=float(margin),
+        popularity_margin=float(popularity_margin),
         blessing_split=blessing_split, ks_json=json.dumps(list(run_config.ks)))
     exporter = RetrievalExporter(model=trainer.outputs["model"], index=index, k=k)
     infra_check = ExportInfraCheck(model=exporter.outputs["exported_model"])

@@ -1,6 +1,7 @@
 """The gRPC serving path: GrpcClient against `tfrec-recall serve` in a subprocess (TF Serving's
-PredictionService / ModelService), bad requests, hot reload, retries, the REST client, the `query` CLI, and
-the same checks against a real tensorflow_model_server when one is on PATH."""
+PredictionService / ModelService), bad requests, hot reload, retries, the REST client, the `query` CLI,
+serving/models.config's version labels (and the Pusher naming versions as models.config expects), and the
+same checks against a real tensorflow_model_server when one is on PATH."""
 import http.server
 import json
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,15 +24,26 @@ from tfrec_recall.serving.client import GrpcClient, RestClient
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 AVAILABLE, END = ModelVersionStatus.AVAILABLE, ModelVersionStatus.END
+MODELS_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "models.config"
+
+
+def _features(model, split):
+    """Inputs of the export's serving signature for 20 test queries."""
+    from tfrec_recall import train as training
+    return training.feature_arrays(split.test.head(20), split.data, model.query_tower.encoder.specs)
+
+
+def _export(tiny_model, base, k):
+    model, items, embeddings = tiny_model
+    return export_retrieval_model(model, (items, embeddings), index=BruteForce(max_k=k), export_dir_base=base, k=k)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model, small_split):
-    from tfrec_recall import train as training
     model, items, embeddings = tiny_model
     base = tmp_path_factory.mktemp("serving") / "recall"
-    export_retrieval_model(model, (items, embeddings), index=BruteForce(max_k=10), export_dir_base=base, k=10)
-    features = training.feature_arrays(small_split.test.head(20), small_split.data, model.query_tower.encoder.specs)
+    _export(tiny_model, base, k=10)
+    features = _features(model, small_split)
     expected = tf.saved_model.load(str(base / "1")).signatures["serving_default"](
         **{k: tf.constant(v) for k, v in features.items()})
     process = subprocess.Popen(
@@ -229,3 +242,172 @@ def test_real_tensorflow_model_server(served):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------------------------------------
+# serving/models.config: specific versions and version labels, served by `tfrec-recall serve
+# --model-config-file`; the Pusher names versions the way the file refers to them.
+
+def _repo_models_config(base_path: str):
+    """serving/models.config as parsed by TF Serving, with the one model's base_path replaced."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+    config = text_format.Parse(MODELS_CONFIG.read_text(), model_server_config_pb2.ModelServerConfig())
+    assert len(config.model_config_list.config) == 1, "the test expects models.config to configure one model"
+    config.model_config_list.config[0].base_path = base_path
+    return config
+
+
+def _write_config(config, path: Path) -> Path:
+    from google.protobuf import text_format
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+# The exports' k per version: version 1 answers 10 items per query, version 2 answers 5.
+K_BY_VERSION = {1: 10, 2: 5}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, tiny_model, small_split):
+    root = tmp_path_factory.mktemp("labelled")
+    for version, k in sorted(K_BY_VERSION.items()):
+        assert _export(tiny_model, root / "recall", k=k).name == str(version)
+    config = _repo_models_config("recall")  # relative: resolved against the config file's directory
+    config_file = _write_config(config, root / "models.config")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tfrec_recall.cli", "serve", "--model-config-file", str(config_file),
+         "--port", "0", "--poll-seconds", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = _wait_for_port(process)
+    yield {"root": root, "port": port, "config": config, "config_file": config_file,
+           "features": _features(tiny_model[0], small_split)}
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _predict_request(features, **spec):
+    from tensorflow_serving.apis import predict_pb2
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "recall"
+    for field, value in spec.items():
+        if field == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, field, value)
+    for name, value in features.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    return request
+
+
+def test_models_config_answers_each_version_label(labelled):
+    labels = dict(labelled["config"].model_config_list.config[0].version_labels)
+    assert labels == {"stable": 1, "canary": 2}  # what serving/models.config says today
+    with GrpcClient(f"127.0.0.1:{labelled['port']}", "recall") as client:
+        for label, version in sorted(labels.items()):
+            response = client.prediction.Predict(_predict_request(labelled["features"], version_label=label),
+                                                 timeout=10)
+            assert response.model_spec.version.value == version, label
+            assert tf.make_ndarray(response.outputs["item_ids"]).shape == (20, K_BY_VERSION[version]), label
+        by_number = client.prediction.Predict(_predict_request(labelled["features"], version=1), timeout=10)
+        newest = client.prediction.Predict(_predict_request(labelled["features"]), timeout=10)
+        assert by_number.model_spec.version.value == 1 and newest.model_spec.version.value == 2
+        assert [(s.version, s.state) for s in client.status().model_version_status] == [(1, AVAILABLE),
+                                                                                          (2, AVAILABLE)]
+    with GrpcClient(f"127.0.0.1:{labelled['port']}", "recall", version_label="canary") as client:
+        assert len(client.query(labelled["features"])[0]) == K_BY_VERSION[2]
+        assert [s.version for s in client.status().model_version_status] == [2]
+
+
+def test_unknown_version_label_names_the_known_ones(labelled):
+    with GrpcClient(f"127.0.0.1:{labelled['port']}", "recall", version_label="prod") as client:
+        with pytest.raises(grpc.RpcError, match=r"model_spec\.version_label: unknown version label 'prod' for "
+                                                r"model 'recall'; known labels: \['canary', 'stable'\]") as info:
+            client.predict(labelled["features"])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with GrpcClient(f"127.0.0.1:{labelled['port']}", "recall", version=3) as client:
+        code, details = _error(lambda: client.predict(labelled["features"]))
+        assert code == grpc.StatusCode.NOT_FOUND and "version 3 is not available (serving versions 1, 2)" in details
+    with GrpcClient(f"127.0.0.1:{labelled['port']}", "recall") as client:  # still serving
+        assert len(client.query(labelled["features"])) == 20
+
+
+def test_label_naming_a_version_not_loaded_stops_the_server_at_start(labelled, capsys):
+    from tfrec_recall import cli
+    config = _repo_models_config(str(labelled["root"] / "recall"))
+    model = config.model_config_list.config[0]
+    model.model_version_policy.specific.versions.append(3)
+    model.version_labels["canary"] = 3  # no version 3 on disk
+    path = _write_config(config, labelled["root"] / "bad.config")
+    assert cli.main(["serve", "--model-config-file", str(path), "--port", "0"]) == 2
+    assert re.search(r"version_labels\['canary'\]: model 'recall' version 3 is not loaded \(no such version "
+                     r"directory.*loaded versions: \[1, 2\]", capsys.readouterr().err)
+    model.model_version_policy.ClearField("specific")
+    model.model_version_policy.latest.num_versions = 1  # loads version 2 only
+    model.version_labels["canary"] = 2
+    _write_config(config, path)
+    assert cli.main(["serve", "--model-config-file", str(path), "--port", "0"]) == 2
+    assert "version_labels['stable']: model 'recall' version 1 is not loaded (model_version_policy latest 1 " \
+           "does not load it" in capsys.readouterr().err
+
+
+def test_serve_arguments_and_config_errors(tmp_path, capsys):
+    from tfrec_recall import cli
+    from tfrec_recall.serving.model_config import parse_model_config
+    assert cli.main(["serve", "--model-config-file", str(MODELS_CONFIG), "--model-name", "recall"]) == 2
+    assert "--model-config-file names the models; drop --model-name" in capsys.readouterr().err
+    assert cli.main(["serve", "--model-dir", str(tmp_path)]) == 2
+    assert "serve needs --model-dir and --model-name, or --model-config-file" in capsys.readouterr().err
+    assert cli.main(["serve", "--model-config-file", str(tmp_path / "nope.config")]) == 2
+    assert "--model-config-file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"version_labels\['canary'\]: version 3 is not one of "
+                                         r"model_version_policy\.specific\.versions \[1, 2\]"):
+        parse_model_config(MODELS_CONFIG.read_text().replace("value: 2", "value: 3"), tmp_path)
+    with pytest.raises(ValueError, match=r"model_platform: 'onnx' is not served here"):
+        parse_model_config('model_config_list { config { name: "m" base_path: "b" model_platform: "onnx" } }',
+                           tmp_path)
+    (model,) = parse_model_config('model_config_list { config { name: "m" base_path: "b" } }', tmp_path)
+    assert model.base_path == tmp_path / "b" and model.policy.describe() == "latest 1"
+
+
+def test_version_naming_yields_the_versions_models_config_refers_to():
+    from tfrec_recall.serving.versions import next_version
+    model = _repo_models_config("/unused").model_config_list.config[0]
+    names = []
+    for _ in model.model_version_policy.specific.versions:  # one push per configured version
+        names.append(str(next_version(names)))
+    assert [int(n) for n in names] == sorted(model.model_version_policy.specific.versions) == [1, 2]
+    assert set(model.version_labels.values()) <= {int(n) for n in names}
+    assert next_version(["2/", "10", ".tmp-11-123", "assets"]) == 11  # fileio names may end in "/"
+    assert next_version(["1700000000"]) == 1700000001  # after TFX's unix-time versions
+
+
+def test_pusher_writes_sequential_versions_once_each(labelled, tmp_path):
+    from tfx.proto import pusher_pb2
+    from tfx.types import standard_artifacts, standard_component_specs as specs
+    from tfx.utils import proto_utils
+    from pipelines.pusher import Executor
+    serving = tmp_path / "serving"
+    destination = proto_utils.proto_to_json(pusher_pb2.PushDestination(
+        filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=str(serving))))
+
+    def push(export: Path, run: int) -> str:
+        model = standard_artifacts.Model()
+        model.uri = str(tmp_path / f"model-{run}")
+        shutil.copytree(export, Path(model.uri) / "Format-Serving")
+        blessing = standard_artifacts.ModelBlessing()
+        blessing.set_int_custom_property("blessed", 1)
+        pushed = standard_artifacts.PushedModel()
+        pushed.uri = str(tmp_path / f"pushed-{run}")
+        Executor().Do({specs.MODEL_KEY: [model], specs.MODEL_BLESSING_KEY: [blessing]},
+                      {specs.PUSHED_MODEL_KEY: [pushed]}, {specs.PUSH_DESTINATION_KEY: destination})
+        assert pushed.get_int_custom_property("pushed") == 1
+        return pushed.get_string_custom_property("pushed_version")
+
+    exports = labelled["root"] / "recall"
+    assert [push(exports / "1", 0), push(exports / "2", 1), push(exports / "2", 2)] == ["1", "2", "2"]
+    assert sorted(p.name for p in serving.iterdir()) == ["1", "2"]  # the re-blessed model was not copied again
+    for version in ("1", "2"):
+        assert (serving / version / "assets" / "manifest.json").read_bytes() == \
+            (exports / version / "assets" / "manifest.json").read_bytes()
+    model = _repo_models_config("/unused").model_config_list.config[0]
+    assert sorted(model.model_version_policy.specific.versions) == [1, 2]

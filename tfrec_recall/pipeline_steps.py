@@ -22,14 +22,13 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRESET = "youtube_dnn_mixed"
 # Pipeline examples carry ids and history only (no side-feature tables), so the presets run without them.
 PIPELINE_OVERRIDES = {"use_side_features": False}
 
 
 def trainer_config(custom_config: Optional[Mapping[str, Any]]):
     """The RunConfig a Trainer's ``custom_config`` asks for: ``{"preset": NAME, "config": {KEY: VALUE}}``."""
-    from tfrec_recall.config import ConfigError, load_config
+    from tfrec_recall.config import DEFAULT_PRESET, ConfigError, load_config
     custom = dict(custom_config or {})
     unknown = sorted(set(custom) - {"preset", "config", "evaluate_every"})
     if unknown:
@@ -78,77 +77,132 @@ def evaluate_model(model_dir: str, split, which: Sequence[str] = ("valid", "test
     return {name: evaluate_towers(run.query_tower, run.candidate_tower, split, name, ks) for name in which}
 
 
+POPULARITY_METRIC = "HR@50"
+
+
+def _check_margin(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def judge(metrics: Mapping[str, float], thresholds: Mapping[str, float],
           baseline: Optional[Mapping[str, float]] = None, margin: float = 0.01,
-          compare: Sequence[str] = ()) -> Dict[str, Any]:
-    """Blesses when every ``thresholds`` metric is >= its bound and, given a baseline, every ``compare``
-    metric is >= baseline - ``margin``. Returns ``{"blessed": bool, "checks": [...]}``; unknown metric names
-    raise ValueError naming them."""
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin!r}")
-    for name in list(thresholds) + list(compare):
+          compare: Sequence[str] = (), *, popularity: Optional[Mapping[str, float]] = None,
+          popularity_margin: float = 0.02, popularity_metric: str = POPULARITY_METRIC) -> Dict[str, Any]:
+    """The blessing verdict of a candidate's ``metrics`` (one split). Checks, all of which must pass:
+
+    * ``"threshold"``: every ``thresholds`` metric is >= its bound;
+    * ``"popularity"`` (given ``popularity``, the most-popular ranker's metrics on the same split, see
+      ``tfrec_recall.baselines.most_popular_metrics``): ``popularity_metric`` BEATS it by the absolute
+      ``popularity_margin``: value > popularity + margin (strictly; the check's ``bound`` is that sum);
+    * ``"baseline"`` (given ``baseline``, the latest blessed model's metrics on the same data): every
+      ``compare`` metric is >= baseline - ``margin``.
+
+    Returns ``{"blessed": bool, "checks": [...]}``; unknown metric names and negative margins raise ValueError
+    naming them."""
+    margin = _check_margin("margin", margin)
+    popularity_margin = _check_margin("popularity_margin", popularity_margin)
+    names = list(thresholds) + list(compare) + ([popularity_metric] if popularity is not None else [])
+    for name in names:
         if name not in metrics:
             raise ValueError(f"metric {name!r} is not computed; available: {sorted(k for k in metrics if k != 'users')}")
+    if popularity is not None and popularity_metric not in popularity:
+        raise ValueError(f"popularity has no {popularity_metric!r}; it has {sorted(popularity)}")
     checks: List[Dict[str, Any]] = []
     for name, bound in thresholds.items():
         checks.append({"metric": name, "kind": "threshold", "value": float(metrics[name]), "bound": float(bound),
-                       "passed": bool(metrics[name] >= bound)})
+                       "op": ">=", "passed": bool(metrics[name] >= bound)})
+    if popularity is not None:
+        value, reference = float(metrics[popularity_metric]), float(popularity[popularity_metric])
+        bound = reference + popularity_margin
+        checks.append({"metric": popularity_metric, "kind": "popularity", "value": value, "bound": bound,
+                       "op": ">", "popularity": reference, "margin": popularity_margin, "passed": value > bound})
     if baseline is not None:
         for name in compare:
             bound = float(baseline[name]) - margin
             checks.append({"metric": name, "kind": "baseline", "value": float(metrics[name]), "bound": bound,
-                           "baseline": float(baseline[name]), "passed": bool(metrics[name] >= bound)})
+                           "op": ">=", "baseline": float(baseline[name]), "passed": bool(metrics[name] >= bound)})
     return {"blessed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def _plot(candidate: Mapping[str, float], baseline: Optional[Mapping[str, float]], path: Path) -> None:
+def _series(result: Mapping[str, Any], split: str) -> List[tuple]:
+    """(label, metrics) of the blessing split: the candidate, then the references that were computed."""
+    out = [("candidate", result["metrics"][split])]
+    for key, label in (("popularity_metrics", "most popular"), ("baseline_metrics", "latest blessed")):
+        if (result.get(key) or {}).get(split):
+            out.append((label, result[key][split]))
+    return out
+
+
+def _plot(series: Sequence[tuple]) -> bytes:
+    """A PNG bar chart of HR@K, NDCG@K and Coverage@K of each (label, metrics) in ``series``."""
+    import io
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    candidate = series[0][1]
     names = [k for k in candidate if k.startswith(("HR@", "NDCG@"))] + [k for k in candidate if k.startswith("Coverage@")]
     x = np.arange(len(names))
-    width = 0.4 if baseline else 0.6
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.4))
-    ax.bar(x - (width / 2 if baseline else 0), [candidate[n] for n in names], width, label="candidate")
-    if baseline:
-        ax.bar(x + width / 2, [baseline.get(n, 0.0) for n in names], width, label="latest blessed")
+    for i, (label, values) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [values.get(n, 0.0) for n in names], width, label=label)
     ax.set_xticks(x, names, rotation=30)
     ax.set(title="full-corpus retrieval metrics", ylabel="value")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    return buffer.getvalue()
 
 
-def write_report(out_dir, result: Mapping[str, Any]) -> None:
-    """``metrics.json`` (everything), ``report.png`` (candidate vs baseline) and ``report.html`` (tables and
-    the plot inlined) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+def _table(header: Sequence[str], rows: Sequence[tuple]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+                                    for v in row) + "</tr>" for row in rows)
+    return f'<table border="1" cellpadding="4"><tr>{head}</tr>{body}</table>'
+
+
+def _html(result: Mapping[str, Any], image: bytes) -> str:
     split = result["blessing_split"]
-    _plot(result["metrics"][split], (result.get("baseline_metrics") or {}).get(split), out / "report.png")
-    image = base64.b64encode((out / "report.png").read_bytes()).decode("ascii")
-    rows = []
-    for name, values in result["metrics"].items():
-        cells = "".join(f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{v}</td>" for v in values.values())
-        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
-    header = "".join(f"<th>{html.escape(k)}</th>" for k in next(iter(result["metrics"].values())))
+    keys = list(next(iter(result["metrics"].values())))
+    rows = [(f"{label}, {name}", *(values.get(k, "") for k in keys))
+            for key, label in (("metrics", "candidate"), ("popularity_metrics", "most popular"),
+                               ("baseline_metrics", "latest blessed"))
+            for name, values in (result.get(key) or {}).items()]
+    ops = {">": "&gt;", ">=": "&ge;"}
     checks = "".join(
         f"<tr><td>{html.escape(c['metric'])}</td><td>{c['kind']}</td><td>{c['value']:.4f}</td>"
-        f"<td>&ge; {c['bound']:.4f}</td><td>{'pass' if c['passed'] else '<b>FAIL</b>'}</td></tr>"
+        f"<td>{ops[c.get('op', '>=')]} {c['bound']:.4f}</td><td>{'pass' if c['passed'] else '<b>FAIL</b>'}</td></tr>"
         for c in result["checks"])
     verdict = "BLESSED" if result["blessed"] else "NOT BLESSED"
-    (out / "report.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+    return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Retrieval evaluation: {verdict}</title></head><body style="font-family: sans-serif">
 <h1>{verdict}</h1><p>model {html.escape(str(result.get('model')))}; baseline
 {html.escape(str(result.get('baseline_model') or 'none (first blessed model)'))}; blessing on split
-<b>{html.escape(split)}</b>, {result.get('candidates', '?')} candidates (full corpus).</p>
-<h2>Metrics</h2><table border="1" cellpadding="4"><tr><th>split</th>{header}</tr>{''.join(rows)}</table>
+<b>{html.escape(split)}</b>, {result.get('candidates', '?')} candidates (full corpus). The most-popular ranker
+(score = training count, same ranking for every user) is evaluated on the same rows.</p>
+<h2>Metrics</h2>{_table(["rows", *keys], rows)}
 <h2>Checks</h2><table border="1" cellpadding="4"><tr><th>metric</th><th>kind</th><th>value</th><th>bound</th>
 <th>result</th></tr>{checks}</table>
-<p><img alt="metrics" src="data:image/png;base64,{image}"></p></body></html>
-""")
+<p><img alt="metrics" src="data:image/png;base64,{base64.b64encode(image).decode('ascii')}"></p></body></html>
+"""
+
+
+def write_report(out_dir: str, result: Mapping[str, Any]) -> None:
+    """``metrics.json`` (everything), ``report.png`` (candidate vs the most-popular ranker and the latest
+    blessed model) and ``report.html`` (tables and the plot inlined) into ``out_dir`` (a local path or a URI
+    tf.io.gfile can write)."""
+    import tensorflow as tf
+    out = str(out_dir)
+    tf.io.gfile.makedirs(out)
+    image = _plot(_series(result, result["blessing_split"]))
+    for name, mode, content in (("metrics.json", "w", json.dumps(result, indent=2)), ("report.png", "wb", image),
+                                ("report.html", "w", _html(result, image))):
+        with tf.io.gfile.GFile(os.path.join(out, name), mode) as f:
+            f.write(content)
 
 
 # ----------------------------------------------------------------------------------------------------------

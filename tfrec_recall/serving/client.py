@@ -51,9 +51,11 @@ def _results(ids: np.ndarray, scores: np.ndarray) -> Results:
 class GrpcClient:
     def __init__(self, target: str, model_name: str, *, signature_name: str = "serving_default",
                  version: Optional[int] = None, timeout: float = 5.0, retries: int = 3, backoff: float = 0.1,
-                 max_batch_size: int = 256):
+                 max_batch_size: int = 256, version_label: Optional[str] = None):
         import grpc
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+        if version is not None and version_label is not None:
+            raise ValueError(f"give version ({version!r}) or version_label ({version_label!r}), not both")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if retries < 0:
@@ -61,6 +63,7 @@ class GrpcClient:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         self.model_name, self.signature_name, self.version = model_name, signature_name, version
+        self.version_label = version_label
         self.timeout, self.retries, self.backoff, self.max_batch_size = timeout, retries, backoff, max_batch_size
         self._grpc = grpc
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
@@ -91,6 +94,8 @@ class GrpcClient:
         spec.name = self.model_name
         if self.version is not None:
             spec.version.value = self.version
+        elif self.version_label is not None:
+            spec.version_label = self.version_label
 
     def predict(self, features: Mapping[str, Sequence], signature_name: Optional[str] = None) -> Dict[str, np.ndarray]:
         """Raw outputs of one signature for a batch of inputs, sent in chunks of ``max_batch_size``."""

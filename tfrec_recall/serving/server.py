@@ -1,15 +1,22 @@
-"""``tfrec-recall serve``: a local gRPC server speaking TF Serving's API over a versioned export directory.
+"""``tfrec-recall serve``: a local gRPC server speaking TF Serving's API over versioned export directories.
 
 It implements ``tensorflow.serving.PredictionService`` (``Predict``, ``GetModelMetadata``) and
-``tensorflow.serving.ModelService`` (``GetModelStatus``) for one model directory laid out as TF Serving reads
-it (``BASE/<version>/saved_model.pb``). It is the local and test server; production serves the same
-directory from ``tensorflow_model_server`` (see serving/README.md for which index needs which server).
+``tensorflow.serving.ModelService`` (``GetModelStatus``) over model directories laid out as TF Serving reads
+them (``BASE/<version>/saved_model.pb``, versions named as in ``tfrec_recall.serving.versions``). It is the
+local and test server; production serves the same directories from ``tensorflow_model_server`` (see
+serving/README.md for which index needs which server).
 
-* It loads the newest version, polls for newer ones and switches when one loads; a version that fails to
-  load is reported by GetModelStatus (state END, the error) while the previous one keeps serving.
+* One directory (``--model-dir``, ``--model-name``): it loads the newest version, polls for newer ones and
+  switches when one loads; a version that fails to load is reported by GetModelStatus (state END, the error)
+  while the previous one keeps serving.
+* A TF Serving model config file (``--model-config-file``, see ``model_config``): each model's
+  ``model_version_policy`` (latest N / specific / all) says which versions are loaded side by side, and its
+  ``version_labels`` name versions; a request picks one by ``model_spec.version`` or
+  ``model_spec.version_label`` (none: the newest loaded). As in TF Serving, a label naming a version that is
+  not loaded stops the server at start, and an unknown label in a request is INVALID_ARGUMENT.
 * It binds to 127.0.0.1 unless told otherwise.
-* Bad requests (unknown model or version, unknown / missing input, wrong dtype or rank, empty or oversized
-  batch) get INVALID_ARGUMENT or NOT_FOUND with a message naming the field; the server keeps serving.
+* Bad requests (unknown model, version or label, unknown / missing input, wrong dtype or rank, empty or
+  oversized batch) get INVALID_ARGUMENT or NOT_FOUND with a message naming the field; the server keeps serving.
 * ScaNN exports need the ScaNN ops: the server imports scann when it is installed.
 """
 from __future__ import annotations
@@ -25,6 +32,9 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      prediction_service_pb2_grpc, predict_pb2)
 from tensorflow_serving.apis import status_pb2
+
+from tfrec_recall.serving.model_config import VersionPolicy, load_model_config
+from tfrec_recall.serving.versions import versions_in
 
 logger = logging.getLogger(__name__)
 
@@ -52,27 +62,66 @@ class LoadedVersion:
                 self.signature_map.signature_def[name].CopyFrom(signature)
 
 
-class ModelRepository:
-    """Versions of one model: the serving one, and what happened to each version seen."""
+class UnknownLabelError(LookupError):
+    """A request's version_label is not configured for the model."""
 
-    def __init__(self, name: str, base_path, poll_seconds: float = 2.0):
+
+class ModelRepository:
+    """The loaded versions of one model, chosen by a version policy, and what happened to each version seen.
+
+    The default policy (``latest`` 1) is the single-directory mode: the newest loadable version. With
+    ``latest`` N, ``specific`` or ``all`` (from a model config file) several versions are loaded at once, and
+    ``labels`` map version labels to versions. A version that fails to load is not retried; a loaded version
+    stays loaded until the policy drops it for a newer one."""
+
+    def __init__(self, name: str, base_path, poll_seconds: float = 2.0, policy: VersionPolicy = VersionPolicy(),
+                 labels: Optional[Dict[str, int]] = None, source: str = "--model-dir"):
         self.name = name
         self.base_path = Path(base_path)
         if not self.base_path.is_dir():
-            raise FileNotFoundError(f"--model-dir {str(self.base_path)!r} is not a directory")
-        self.poll_seconds = poll_seconds
+            raise FileNotFoundError(f"{source} {str(self.base_path)!r} is not a directory")
+        self.poll_seconds, self.policy, self.labels = poll_seconds, policy, dict(labels or {})
         self._lock = threading.Lock()
-        self.current: Optional[LoadedVersion] = None
+        self._loaded: Dict[int, LoadedVersion] = {}  # guarded by _lock
         self._status: Dict[int, tuple] = {}  # version -> (state, error message or ""); guarded by _lock
         self._stop = threading.Event()
         self.refresh()
-        if self.current is None:
+        if not self._loaded:
             tried = "; ".join(f"version {v}: {e}" for v, (_, e) in sorted(self.status().items()))
-            raise RuntimeError(f"no loadable version under {self.base_path} ({tried or 'no version directories'})")
+            raise RuntimeError(f"model {name!r}: no loadable version under {self.base_path} "
+                               f"({tried or 'no version directories'}; policy {policy.describe()})")
+        self._check_labels()
+
+    def _check_labels(self) -> None:
+        """TF Serving refuses a label naming a version that is not loaded; so does this server."""
+        loaded = self.loaded_versions()
+        for label, version in sorted(self.labels.items()):
+            if version not in loaded:
+                raise RuntimeError(f"version_labels[{label!r}]: model {self.name!r} version {version} is not "
+                                   f"loaded ({self._why_not_loaded(version)}; loaded versions: {loaded}; "
+                                   f"base_path {self.base_path})")
+
+    def _why_not_loaded(self, version: int) -> str:
+        error = self.status().get(version, ("", ""))[1]
+        if error:
+            return f"it failed to load: {error}"
+        if version not in self.versions_on_disk():
+            return "no such version directory with a saved_model.pb"
+        return f"model_version_policy {self.policy.describe()} does not load it"
 
     def versions_on_disk(self):
-        return sorted(int(p.name) for p in self.base_path.iterdir()
-                      if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").exists())
+        return versions_in(p.name for p in self.base_path.iterdir()
+                           if p.is_dir() and (p / "saved_model.pb").exists())
+
+    def loaded_versions(self):
+        with self._lock:
+            return sorted(self._loaded)
+
+    @property
+    def current(self) -> Optional[LoadedVersion]:
+        """The newest loaded version (what a request without a version gets)."""
+        with self._lock:
+            return self._loaded[max(self._loaded)] if self._loaded else None
 
     def status(self) -> Dict[int, tuple]:
         """A snapshot of every version seen: version -> (state, error message)."""
@@ -83,70 +132,121 @@ class ModelRepository:
         with self._lock:
             self._status[version] = (state, error)
 
+    def _candidates(self):
+        """Versions the policy may serve, newest first: on disk or loaded, not failed before."""
+        failed = {v for v, (state, error) in self.status().items() if state == "END" and error}
+        versions = set(self.versions_on_disk()) | set(self.loaded_versions())
+        if self.policy.kind == "specific":
+            versions &= set(self.policy.versions)
+        return sorted(versions - failed, reverse=True)
+
+    def _load(self, version: int) -> bool:
+        """Loads one version; a failure is recorded (state END with the error), logged and not raised."""
+        try:
+            self._set_status(version, "LOADING")
+            loaded = LoadedVersion(version, self.base_path / str(version))
+        except Exception as error:  # a broken version must not take the server down
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            logger.error("model %s version %d failed to load: %s", self.name, version, message)
+            self._set_status(version, "END", message)
+            return False
+        with self._lock:
+            self._loaded[version] = loaded
+            self._status[version] = ("AVAILABLE", "")
+        logger.warning("model %s: serving version %d", self.name, version)
+        return True
+
     def refresh(self) -> None:
-        """Loads the newest version not tried yet; keeps the current one if it fails."""
-        for version in sorted(self.versions_on_disk(), reverse=True):
-            if self.current is not None and version <= self.current.version:
-                return
-            if self.status().get(version, ("",))[0] == "END":
-                continue  # failed before; not retried
-            try:
-                self._set_status(version, "LOADING")
-                loaded = LoadedVersion(version, self.base_path / str(version))
-            except Exception as error:  # a broken version must not take the server down
-                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                logger.error("model %s version %d failed to load: %s", self.name, version, message)
-                self._set_status(version, "END", message)
-                continue
-            with self._lock:
-                previous = self.current
-                self.current = loaded
-                self._status[version] = ("AVAILABLE", "")
-                if previous is not None:
-                    self._status[previous.version] = ("END", "")
-            logger.warning("model %s: serving version %d", self.name, version)
-            return
+        """Loads the versions the policy wants and unloads the ones it no longer wants. For ``latest`` N these
+        are the N newest loadable versions, so a version that fails to load leaves the older one serving."""
+        limit = self.policy.num_versions if self.policy.kind == "latest" else None
+        kept, loaded = [], set(self.loaded_versions())
+        for version in self._candidates():
+            if limit is not None and len(kept) >= limit:
+                break
+            if version in loaded or self._load(version):
+                kept.append(version)
+        with self._lock:
+            for version in [v for v in self._loaded if v not in kept]:
+                del self._loaded[version]
+                self._status[version] = ("END", "")
+                logger.warning("model %s: unloaded version %d", self.name, version)
 
     def watch(self) -> threading.Thread:
         def loop():
             while not self._stop.wait(self.poll_seconds):
                 self.refresh()
-        thread = threading.Thread(target=loop, daemon=True, name="version-watcher")
+        thread = threading.Thread(target=loop, daemon=True, name=f"version-watcher-{self.name}")
         thread.start()
         return thread
 
     def stop(self) -> None:
         self._stop.set()
 
-    def get(self, version: Optional[int]) -> LoadedVersion:
-        current = self.current
-        if version is None or version == current.version:
-            return current
-        raise LookupError(f"model {self.name!r} version {version} is not available (serving version "
-                          f"{current.version})")
+    def label_version(self, label: str) -> int:
+        if label not in self.labels:
+            raise UnknownLabelError(f"unknown version label {label!r} for model {self.name!r}; known labels: "
+                                    f"{sorted(self.labels) or 'none (no version_labels configured)'}")
+        return self.labels[label]
+
+    def get(self, version: Optional[int] = None, label: Optional[str] = None) -> LoadedVersion:
+        """The loaded version a request asks for: by ``version``, by ``label``, or the newest."""
+        if label:
+            version = self.label_version(label)
+        with self._lock:
+            if version is None:
+                return self._loaded[max(self._loaded)]
+            if version in self._loaded:
+                return self._loaded[version]
+            serving = sorted(self._loaded)
+        named = f" (label {label!r})" if label else ""
+        raise LookupError(f"model {self.name!r} version {version}{named} is not available (serving "
+                          f"version{'s' if len(serving) > 1 else ''} {', '.join(map(str, serving))})")
+
+
+def load_repositories(config_file, poll_seconds: float = 2.0) -> Dict[str, ModelRepository]:
+    """One repository per model of a TF Serving model config file (see ``model_config``)."""
+    return {model.name: ModelRepository(model.name, model.base_path, poll_seconds, model.policy, model.labels,
+                                        source=f"base_path of model {model.name!r}")
+            for model in load_model_config(config_file)}
 
 
 def _abort(context, code, message):
     context.abort(code, message)
 
 
+def _as_models(models) -> Dict[str, ModelRepository]:
+    """``{name: repository}`` from one repository or a mapping of them."""
+    return {models.name: models} if isinstance(models, ModelRepository) else dict(models)
+
+
+def _repository(models: Dict[str, ModelRepository], name: str, context) -> ModelRepository:
+    if name not in models:
+        _abort(context, grpc.StatusCode.NOT_FOUND, f"model_spec.name: unknown model {name!r}; this server serves "
+                                                   f"{', '.join(repr(n) for n in sorted(models))}")
+    return models[name]
+
+
+def _resolve(models: Dict[str, ModelRepository], model_spec, context) -> LoadedVersion:
+    """The loaded version a request's model_spec names (by version, by version_label, or the newest)."""
+    repository = _repository(models, model_spec.name, context)
+    choice = model_spec.WhichOneof("version_choice")
+    try:
+        return repository.get(model_spec.version.value if choice == "version" else None,
+                              model_spec.version_label if choice == "version_label" else None)
+    except UnknownLabelError as error:  # TF Serving: INVALID_ARGUMENT "Unrecognized servable version label"
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"model_spec.version_label: {error}")
+    except LookupError as error:
+        _abort(context, grpc.StatusCode.NOT_FOUND, f"model_spec.{choice or 'version'}: {error}")
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, repository: ModelRepository, max_batch_size: int = 1024):
-        self.repository = repository
+    def __init__(self, models, max_batch_size: int = 1024):
+        self.models = _as_models(models)
         self.max_batch_size = max_batch_size
 
     def _resolve(self, model_spec, context) -> LoadedVersion:
-        if model_spec.name != self.repository.name:
-            _abort(context, grpc.StatusCode.NOT_FOUND,
-                   f"model_spec.name: unknown model {model_spec.name!r}; this server serves {self.repository.name!r}")
-        version = model_spec.version.value if model_spec.HasField("version") else None
-        if model_spec.version_label:
-            _abort(context, grpc.StatusCode.NOT_FOUND,
-                   f"model_spec.version_label: unknown label {model_spec.version_label!r}")
-        try:
-            return self.repository.get(version)
-        except LookupError as error:
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"model_spec.version: {error}")
+        return _resolve(self.models, model_spec, context)
 
     def Predict(self, request, context):
         loaded = self._resolve(request.model_spec, context)
@@ -194,7 +294,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"inputs: {str(error).splitlines()[0]}")
         response = predict_pb2.PredictResponse()
-        response.model_spec.name = self.repository.name
+        response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = loaded.version
         response.model_spec.signature_name = signature
         wanted = set(request.output_filter) or set(outputs)
@@ -210,7 +310,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                    f"metadata_field: only 'signature_def' is supported, got {sorted(fields)}")
         response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = self.repository.name
+        response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = loaded.version
         response.metadata["signature_def"].Pack(loaded.signature_map)
         return response
@@ -221,19 +321,26 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
               "AVAILABLE": get_model_status_pb2.ModelVersionStatus.AVAILABLE,
               "END": get_model_status_pb2.ModelVersionStatus.END}
 
-    def __init__(self, repository: ModelRepository):
-        self.repository = repository
+    def __init__(self, models):
+        self.models = _as_models(models)
 
     def GetModelStatus(self, request, context):
-        if request.model_spec.name != self.repository.name:
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"model_spec.name: unknown model {request.model_spec.name!r}")
-        wanted = request.model_spec.version.value if request.model_spec.HasField("version") else None
-        response = get_model_status_pb2.GetModelStatusResponse()
-        items = sorted(self.repository.status().items())
+        """Every version seen (loaded ones AVAILABLE), or the one named by model_spec.version / version_label."""
+        spec = request.model_spec
+        repository = _repository(self.models, spec.name, context)
+        choice = spec.WhichOneof("version_choice")
+        wanted = spec.version.value if choice == "version" else None
+        if choice == "version_label":
+            try:
+                wanted = repository.label_version(spec.version_label)
+            except UnknownLabelError as error:
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"model_spec.version_label: {error}")
+        items = sorted(repository.status().items())
         if wanted is not None:
             items = [(v, s) for v, s in items if v == wanted]
             if not items:
                 _abort(context, grpc.StatusCode.NOT_FOUND, f"model_spec.version: version {wanted} was never seen")
+        response = get_model_status_pb2.GetModelStatusResponse()
         for version, (state, error) in items:
             status = response.model_version_status.add()
             status.version = version
@@ -242,32 +349,51 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def make_server(repository: ModelRepository, host: str = "127.0.0.1", port: int = 8500, workers: int = 8,
-                max_batch_size: int = 1024):
+def make_server(models, host: str = "127.0.0.1", port: int = 8500, workers: int = 8, max_batch_size: int = 1024):
+    """A gRPC server (not started) for one ModelRepository or a ``{name: ModelRepository}`` mapping; returns
+    it and the bound port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=[("grpc.max_receive_message_length", 64 << 20),
                                   ("grpc.max_send_message_length", 64 << 20)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(repository, max_batch_size), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(repository), server)
+        PredictionService(models, max_batch_size), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(models), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     return server, bound
 
 
-def serve(model_dir, model_name: str, host: str = "127.0.0.1", port: int = 8500, poll_seconds: float = 2.0,
-          workers: int = 8, max_batch_size: int = 1024) -> None:
-    repository = ModelRepository(model_name, model_dir, poll_seconds)
-    server, bound = make_server(repository, host, port, workers, max_batch_size)
+def _describe(repository: ModelRepository) -> str:
+    labels = ", ".join(f"{label}={version}" for label, version in sorted(repository.labels.items()))
+    versions = repository.loaded_versions()
+    return (f"model {repository.name!r} version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
+            + (f" (labels {labels})" if labels else ""))
+
+
+def serve(model_dir=None, model_name: Optional[str] = None, host: str = "127.0.0.1", port: int = 8500,
+          poll_seconds: float = 2.0, workers: int = 8, max_batch_size: int = 1024, model_config_file=None) -> None:
+    """Serves ``model_dir`` as ``model_name`` (newest version), or the models of a TF Serving
+    ``model_config_file`` (their version policies and labels); polls for new versions every ``poll_seconds``."""
+    if model_config_file is not None and (model_dir is not None or model_name is not None):
+        raise ValueError("serve: model_config_file names the models; do not also give model_dir / model_name")
+    if model_config_file is None and (model_dir is None or model_name is None):
+        raise ValueError("serve needs model_dir and model_name, or model_config_file")
+    if model_config_file is not None:
+        models, source = load_repositories(model_config_file, poll_seconds), str(model_config_file)
+    else:
+        models, source = _as_models(ModelRepository(model_name, model_dir, poll_seconds)), str(model_dir)
+    server, bound = make_server(models, host, port, workers, max_batch_size)
     server.start()
-    repository.watch()
-    print(f"serving model {model_name!r} version {repository.current.version} on {host}:{bound} "
-          f"(PredictionService, ModelService; polling {model_dir} every {poll_seconds:g} s)", flush=True)
+    for repository in models.values():
+        repository.watch()
+    print(f"serving {'; '.join(_describe(r) for r in models.values())} on {host}:{bound} "
+          f"(PredictionService, ModelService; polling {source} every {poll_seconds:g} s)", flush=True)
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:
         pass
     finally:
-        repository.stop()
+        for repository in models.values():
+            repository.stop()
         server.stop(grace=2)
