@@ -44,6 +44,8 @@ def run(name: str, work: Path, epochs: int):
     rows = [(e.component, e.state, e.seconds) for e in records]
     return {"dataset": name, "epochs": epochs, "total_seconds": total, "components": rows,
             "blessed": evaluation["blessed"], "test": evaluation["metrics"]["test"],
+            "eval_hr50": evaluation["metrics"]["eval"]["HR@50"],
+            "popularity_eval_hr50": evaluation["popularity_metrics"]["eval"]["HR@50"],
             "pushed": sorted(p.name for p in (root / "serving").iterdir())}
 
 
@@ -72,7 +74,8 @@ def main() -> int:
     lines.append("")
     for r in results:
         t = r["test"]
-        lines.append(f"- {r['dataset']}: {args.epochs} epochs, blessed {r['blessed']}, pushed versions "
+        lines.append(f"- {r['dataset']}: at most {args.epochs} epochs, validation HR@50 {r['eval_hr50']:.3f} against "
+                     f"most-popular {r['popularity_eval_hr50']:.3f}, blessed {r['blessed']}, pushed versions "
                      f"{r['pushed']}; test HR@10/50/100 = {t['HR@10']:.3f} / {t['HR@50']:.3f} / {t['HR@100']:.3f}")
     table = "\n".join(lines)
     print(table)
