@@ -111,7 +111,7 @@ def candidate_checksum(ids: np.ndarray, embeddings: np.ndarray) -> str:
 def _next_version(base: Path) -> int:
     """Sequential version naming shared with the Pusher (``tfrec_recall.serving.versions``)."""
     from tfrec_recall.serving.versions import next_version
-    return next_version(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else 1
+    return next_version(tf.io.gfile.listdir(str(base))) if tf.io.gfile.isdir(str(base)) else 1
 
 
 def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
