@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Dict
 
+from tfrec_recall.cli import IndexChoices
 from tfrec_recall.config import DEFAULT_PRESET
 
 BUILTIN_DATA = ("synthetic", "ml-100k")
@@ -60,7 +61,8 @@ def _common(parser) -> None:
                              "this ABSOLUTE amount of HR@50 (default 0.02)")
     parser.add_argument("--margin", type=_margin, default=0.01,
                         help="largest drop below the latest blessed model's HR@50 / NDCG@10 still blessed")
-    parser.add_argument("--index", choices=("brute_force", "ivf", "scann"), default="brute_force")
+    parser.add_argument("--index", choices=IndexChoices(), default="brute_force", metavar="INDEX",
+                        help="registered index type: %(choices)s (default %(default)s)")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--beam-arg", action="append", default=[], metavar="ARG",
                         help="Beam pipeline argument, repeatable; write it with '=', e.g. "

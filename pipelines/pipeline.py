@@ -25,13 +25,13 @@ from tfx import v1 as tfx
 
 from pipelines.pusher import Pusher
 from tfrec_recall.config import DEFAULT_PRESET
+from tfrec_recall.index import index_names
 
 from pipelines.components import ExportInfraCheck, ProtocolSplit, RetrievalEvaluator, RetrievalExporter
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema")
 DATA_FORMATS = ("csv", "tfrecord")
 ID_TYPES = ("string", "int")
-INDEXES = ("brute_force", "ivf", "scann")
 RUN_FN = "tfrec_recall.pipeline_steps.run_fn"
 RAW_SPLIT = "interactions"
 COMPONENT_IDS = ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit", "Trainer",
@@ -90,7 +90,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):
         _check(isinstance(value, str) and bool(value), name, value, "must be a non-empty path")
     _check(data_format in DATA_FORMATS, "data_format", data_format, f"must be one of {DATA_FORMATS}")
-    _check(index in INDEXES, "index", index, f"must be one of {INDEXES}")
+    _check(index in index_names(), "index", index, f"must be one of {index_names()}")
     _check(blessing_split in ("eval", "test"), "blessing_split", blessing_split, "must be 'eval' or 'test'")
     _check(isinstance(history_length, int) and history_length >= 1, "history_length", history_length,
            "must be a positive integer")

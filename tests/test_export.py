@@ -1,5 +1,6 @@
-"""Index layers and the TF Serving export: same results after reload, stock ops only for brute force and
-IVF, ScaNN reloaded in a fresh process that imports scann, atomic versions, manifest, candidate export."""
+"""The TF Serving export: same results after reload, stock ops only for brute force and IVF, ScaNN reloaded in
+a fresh process that imports scann, atomic versions, manifest, candidate export. (The indexes themselves are
+tested in tests/test_index.py.)"""
 import json
 import subprocess
 import sys
@@ -10,70 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tfrec_recall.export import (candidate_checksum, export_candidates, export_retrieval_model, saved_model_ops)
-from tfrec_recall.index import IVF, BruteForce, ScaNN, ScaNNConfig
-
-
-def _clustered(n=3000, d=16, clusters=30, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, d))
-    x = centers[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, d))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    return np.array([f"c{i}" for i in range(n)]), x
-
-
-def _recall(exact_ids, got_ids):
-    return np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(exact_ids, got_ids)])
-
-
-def test_indexes_against_exact_search_and_exclusions():
-    ids, x = _clustered()
-    queries = x[:40] + 0.05
-    exact = np.argsort(-(queries @ x.T), axis=1)[:, :10]
-    exact_ids = ids[exact]
-    bf = BruteForce(max_k=20).index(ids, x)
-    scores, got = bf(queries, k=10)
-    np.testing.assert_array_equal(got.numpy().astype(str), exact_ids)
-    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(queries @ x.T, exact, 1), rtol=1e-5)
-    for index, floor in ((BruteForce(max_k=20, storage_dtype="float16"), 0.95),
-                         (BruteForce(max_k=20, storage_dtype="bfloat16"), 0.85),
-                         (IVF(max_k=20, num_lists=32, num_probes=8), 0.95),
-                         (ScaNN(ScaNNConfig().tree(num_leaves=50, num_leaves_to_search=20), max_k=20), 0.9)):
-        _, got = index.index(ids, x)(queries, k=10)
-        assert _recall(exact_ids, got.numpy().astype(str)) >= floor, type(index).__name__
-    # Exclusions: the best item of each query is excluded; every other result stays, in order.
-    exclude = tf.constant(np.stack([exact_ids[:, 0], np.full(40, "")], axis=1))
-    _, got = bf(queries, k=9, exclude=exclude)
-    np.testing.assert_array_equal(got.numpy().astype(str), exact_ids[:, 1:10])
-    # k larger than the corpus: the tail is padded.
-    small = BruteForce(max_k=5).index(ids[:3], x[:3])
-    scores, got = small(queries[:2], k=5)
-    assert got.numpy()[0, 3:].tolist() == [b"", b""] and np.isneginf(scores.numpy()[0, 3:]).all()
-
-
-def test_index_validation_errors():
-    ids, x = _clustered(n=50)
-    with pytest.raises(ValueError, match=r"k must be <= max_k \(10\), got 20"):
-        BruteForce(max_k=10).index(ids, x)(x[:1], k=20)
-    with pytest.raises(ValueError, match=r"call index\(ids, embeddings\) before querying"):
-        BruteForce()(x[:1])
-    with pytest.raises(ValueError, match=r"storage_dtype must be one of .* got 'int8'"):
-        BruteForce(storage_dtype="int8")
-    with pytest.raises(ValueError, match=r"ids must be 1-D with one id per embedding row \(50\)"):
-        BruteForce().index(ids[:10], x)
-    bad = x.copy()
-    bad[7, 0] = np.nan
-    with pytest.raises(ValueError, match=r"embeddings row 7 \(id 'c7'\) is not finite"):
-        BruteForce().index(ids, bad)
-    with pytest.raises(ValueError, match=r"num_probes must be <= num_lists \(4\), got 8"):
-        IVF(num_lists=4, num_probes=8)
-    with pytest.raises(ValueError, match=r"num_lists \(64\) must be <= the number of candidates \(50\)"):
-        IVF(num_lists=64, num_probes=4).index(ids, x)
-    with pytest.raises(ValueError, match=r"ScaNNConfig.num_leaves_to_search must be <= num_leaves \(10\), got 20"):
-        ScaNNConfig().tree(num_leaves=10, num_leaves_to_search=20)
-    with pytest.raises(ValueError, match=r"ScaNNConfig.dimensions_per_block must be a positive integer, got 0"):
-        ScaNNConfig().score_ah(0)
-    with pytest.raises(ValueError, match=r"ScaNNConfig.num_leaves \(1000\) must be <= the number of candidates"):
-        ScaNN().index(ids, x)
+from tfrec_recall.index import INDEX_FORMAT_VERSION, IVF, BruteForce, ScaNN, ScaNNConfig, check_saved_format_version
+from tests.test_index import clustered_candidates
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +58,8 @@ def test_stock_op_exports_reload_with_same_results(tmp_path, exported_model, kin
     assert all(op_def_registry.get(op) is not None for op in ops), sorted(o for o in ops if not op_def_registry.get(o))
     manifest = json.loads((path / "assets" / "manifest.json").read_text())
     assert manifest["index"]["type"] == ("BruteForce" if kind == "brute_force" else "IVF")
+    assert manifest["index"]["format_version"] == INDEX_FORMAT_VERSION
+    check_saved_format_version(loaded.retrieval_index)
     assert manifest["candidate_count"] == len(items) and manifest["embedding_dimension"] == 16
     assert manifest["candidate_checksum_sha256"] == candidate_checksum(items, embeddings)
     assert manifest["versions"]["tensorflow"] == tf.__version__ and manifest["requires_custom_ops"] == []
@@ -186,7 +127,7 @@ def test_export_validation(tmp_path, exported_model):
 
 
 def test_candidate_export_round_trip(tmp_path):
-    ids, x = _clustered(n=20, d=4)
+    ids, x = clustered_candidates(n=20, d=4)
     out = export_candidates(ids, x, tmp_path / "cands")
     np.testing.assert_array_equal(np.load(out / "ids.npy"), ids)
     np.testing.assert_array_equal(np.load(out / "embeddings.npy"), x)

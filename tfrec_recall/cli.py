@@ -17,6 +17,26 @@ from tfrec_recall.data.schema import DataError
 TRAIN_FLAGS = {"--epochs": "epochs", "--learning-rate": "learning_rate", "--patience": "patience"}
 
 
+class IndexChoices:
+    """The registered index names (``tfrec_recall.index.index_names()``) as argparse ``choices``: looked up
+    only when an ``--index`` value is checked or help is printed, so building a parser imports no TensorFlow.
+    Give the option a ``metavar`` (argparse lists choices in the usage otherwise)."""
+
+    @staticmethod
+    def names():
+        from tfrec_recall.index import index_names  # imports TensorFlow
+        return index_names()
+
+    def __contains__(self, value) -> bool:
+        return value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __repr__(self) -> str:
+        return f"IndexChoices({list(self.names())})"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, naming the option and the value
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -57,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a trained model with a top-k index for TF Serving")
     export.add_argument("--model-dir", required=True)
-    export.add_argument("--index", choices=("brute_force", "ivf", "scann"), default="brute_force")
+    export.add_argument("--index", choices=IndexChoices(), default="brute_force", metavar="INDEX",
+                        help="registered index type: %(choices)s (default %(default)s)")
     export.add_argument("--export-dir-base", required=True, help="TF Serving model base path (versions inside)")
     export.add_argument("--k", type=int, default=100)
     export.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32",

@@ -31,7 +31,7 @@ import tensorflow as tf
 import tfrec_recall
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.features import HISTORY, MultiCategoricalFeature, NumericFeature, SequenceFeature
-from tfrec_recall.index import IVF, BruteForce, ScaNN, TopKIndex
+from tfrec_recall.index import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
 from tfrec_recall._validation import require_positive_int
 
 OUTPUT_IDS = "item_ids"
@@ -39,7 +39,6 @@ OUTPUT_SCORES = "scores"
 OUTPUT_EMBEDDING = "query_embedding"
 EXAMPLES_INPUT = "examples"
 MANIFEST = "manifest.json"
-INDEXES = {"brute_force": BruteForce, "ivf": IVF, "scann": ScaNN}
 
 
 def input_signature(tower) -> Dict[str, tf.TensorSpec]:
@@ -117,23 +116,25 @@ def _next_version(base: Path) -> int:
 def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
                ivf_lists: Optional[int] = None, ivf_probes: Optional[int] = None,
                scann_leaves: Optional[int] = None, scann_leaves_to_search: Optional[int] = None) -> TopKIndex:
-    """An unbuilt index of ``kind`` (brute_force, ivf, scann) for ``num_candidates`` candidates, with the
-    defaults measured in benchmarks/serving.py where a size is not given."""
+    """An unbuilt index of ``kind`` (a registered name: ``tfrec_recall.index.index_names()``) for
+    ``num_candidates`` candidates, with the defaults measured in benchmarks/serving.py where a size is not
+    given."""
     import math
     from tfrec_recall.index import ScaNNConfig
-    if kind not in INDEXES:
-        raise ValueError(f"index must be one of {sorted(INDEXES)}, got {kind!r}")
+    cls = index_class(kind)
     require_positive_int("k", k)
-    if kind == "brute_force":
+    if cls is BruteForce:
         return BruteForce(max_k=k, storage_dtype=storage_dtype)
-    if kind == "ivf":
+    if cls is IVF:
         # 2 sqrt(n) lists, 1 % of them probed (at least 12).
         lists = ivf_lists or max(1, min(num_candidates, int(round(2 * math.sqrt(num_candidates)))))
         probes = ivf_probes or max(12, lists // 100)
         return IVF(max_k=k, num_lists=lists, num_probes=min(probes, lists))
-    leaves = scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
-    to_search = scann_leaves_to_search or max(1, leaves // 10)
-    return ScaNN(ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)), max_k=k)
+    if cls is ScaNN:
+        leaves = scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
+        to_search = scann_leaves_to_search or max(1, leaves // 10)
+        return ScaNN(ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)), max_k=k)
+    return cls(max_k=k)  # any other registered index: its own defaults
 
 
 def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], *,
@@ -148,8 +149,8 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
     require_positive_int("k", k)
     ids, embeddings = np.asarray(candidates[0]).astype(str), np.asarray(candidates[1], dtype=np.float32)
     if not isinstance(index, TopKIndex):
-        if index not in INDEXES:
-            raise ValueError(f"index must be a TopKIndex or one of {sorted(INDEXES)}, got {index!r}")
+        if index not in index_names():
+            raise ValueError(f"index must be a TopKIndex or one of {list(index_names())}, got {index!r}")
         index = make_index(index, k, len(ids))
     if k > index.max_k:
         raise ValueError(f"k ({k}) must be <= the index's max_k ({index.max_k})")

@@ -20,7 +20,7 @@ The loss is sum_i r_i * CE_i (TFRS's default SUM reduction).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -28,6 +28,7 @@ import tensorflow_recommenders as tfrs
 from tfrec_recall._validation import is_int
 
 LARGE_NEGATIVE = -1e9
+LAYER_KWARGS = ("trainable", "dtype")  # Keras layer arguments accepted besides TFRS's
 
 
 def _fingerprint(ids):
@@ -41,17 +42,75 @@ def _gather(ctx, value):
     return None if value is None else ctx.all_gather(value, axis=0)
 
 
+def _metric_list(argument: str, value, kind: type) -> list:
+    """``value`` (None, one metric or a sequence of metrics, as TFRS takes them) as a list of ``kind``."""
+    if value is None:
+        return []
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    for metric in values:
+        if not isinstance(metric, kind):
+            raise TypeError(f"{argument} must hold {kind.__module__}.{kind.__qualname__} objects, got {metric!r}")
+    return values
+
+
+def _serialize_metric(argument: str, metric) -> dict:
+    """The Keras serialisation of ``metric``; a metric without a config (e.g. ``FactorizedTopK``, whose
+    candidate index is state, not configuration) raises ``NotImplementedError`` naming the argument."""
+    try:
+        return tf.keras.utils.serialize_keras_object(metric)
+    except NotImplementedError as error:
+        raise NotImplementedError(
+            f"RetrievalTask cannot serialise {argument} entry {type(metric).__name__} {metric.name!r}: it has no "
+            "config (a FactorizedTopK's candidates are an index, not configuration); build the task without it "
+            "for saving and set task.factorized_metrics after loading") from error
+
+
+def _apply_layer_kwargs(layer: tf.keras.layers.Layer, trainable: bool = True, dtype=None) -> None:
+    """Applies the Keras layer arguments that ``tfrs.tasks.Retrieval.__init__`` does not forward."""
+    layer.trainable = trainable
+    if dtype is not None:
+        layer._set_dtype_policy(dtype)  # what Layer.__init__ does with its own dtype argument
+
+
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class RetrievalTask(tfrs.tasks.Retrieval):
-    def __init__(self, temperature: float = 1.0, remove_accidental_hits: bool = True,
-                 num_hard_negatives: Optional[int] = None, gather_across_replicas: bool = True,
-                 in_batch_negatives: bool = True, **kwargs):
+    """``tfrs.tasks.Retrieval`` with logQ correction, extra negatives, reward weights and cross-replica
+    candidates (see the module docstring).
+
+    Takes TFRS's arguments with TFRS's meaning: ``loss`` (a Keras loss of ``(labels, logits, sample_weight)``
+    replacing the default ``CategoricalCrossentropy(from_logits=True, reduction=SUM)``), ``metrics`` (one or
+    several ``tfrs.metrics.Factorized``, updated in :meth:`call` when ``compute_metrics``), ``batch_metrics``
+    (Keras metrics updated with the batch's labels and logits when ``compute_batch_metrics``),
+    ``loss_metrics`` (Keras metrics of the loss), ``temperature`` (``None`` means 1, as in TFRS: no scaling),
+    ``num_hard_negatives``, ``remove_accidental_hits`` and ``name``; this package's defaults differ from TFRS's
+    only in ``remove_accidental_hits=True``. Besides the Keras layer arguments ``trainable`` and ``dtype``, any
+    other keyword argument is refused with a ``TypeError`` naming it.
+    """
+
+    def __init__(self, loss: Optional[Callable] = None, metrics=None,
+                 batch_metrics: Optional[Sequence[tf.keras.metrics.Metric]] = None,
+                 loss_metrics: Optional[Sequence[tf.keras.metrics.Metric]] = None,
+                 temperature: Optional[float] = 1.0, num_hard_negatives: Optional[int] = None,
+                 remove_accidental_hits: bool = True, name: Optional[str] = None,
+                 gather_across_replicas: bool = True, in_batch_negatives: bool = True, **kwargs):
+        unknown = sorted(set(kwargs) - set(LAYER_KWARGS))
+        if unknown:
+            raise TypeError(f"RetrievalTask got unexpected keyword argument(s) {unknown}; it accepts TFRS's "
+                            f"Retrieval arguments, gather_across_replicas, in_batch_negatives and {LAYER_KWARGS}")
+        temperature = 1.0 if temperature is None else temperature
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         if num_hard_negatives is not None and (not is_int(num_hard_negatives) or num_hard_negatives < 1):
             raise ValueError(f"num_hard_negatives must be None or a positive integer, got {num_hard_negatives!r}")
-        name = kwargs.pop("name", None)
-        super().__init__(temperature=None, remove_accidental_hits=False, num_hard_negatives=None, name=name)
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be None or a Keras loss (a callable), got {loss!r}")
+        metrics = _metric_list("metrics", metrics, tfrs.metrics.Factorized)
+        super().__init__(loss=loss, metrics=metrics,
+                         batch_metrics=_metric_list("batch_metrics", batch_metrics, tf.keras.metrics.Metric),
+                         loss_metrics=_metric_list("loss_metrics", loss_metrics, tf.keras.metrics.Metric),
+                         temperature=None, remove_accidental_hits=False, num_hard_negatives=None, name=name)
+        _apply_layer_kwargs(self, **kwargs)
+        self._given_loss = loss
         self.temperature = float(temperature)
         self.remove_hits = bool(remove_accidental_hits)
         self.num_hard = num_hard_negatives
@@ -110,27 +169,50 @@ class RetrievalTask(tfrs.tasks.Retrieval):
 
     def call(self, query_embeddings, candidate_embeddings, sample_weight=None, candidate_ids=None,
              candidate_log_q=None, negative_embeddings=None, negative_ids=None, negative_log_q=None,
-             compute_metrics: bool = False, compute_batch_metrics: bool = False):
+             compute_metrics: bool = True, compute_batch_metrics: bool = True):
+        """The loss sum_i r_i * CE_i (or the given ``loss`` of the labels, logits and ``sample_weight``).
+
+        As in TFRS: the loss metrics are always updated (with the weighted loss), the factorized ``metrics``
+        when ``compute_metrics`` (with the query embeddings and this replica's positive candidates, by
+        ``candidate_ids`` when given), the ``batch_metrics`` with the labels and logits (after logQ
+        correction, masking and hard-negative mining) when ``compute_batch_metrics``."""
         scores, labels = self.logits_and_labels(query_embeddings, candidate_embeddings, candidate_ids,
                                                 candidate_log_q, negative_embeddings, negative_ids, negative_log_q)
-        per_example = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=scores)
         if sample_weight is not None:
-            per_example = per_example * tf.reshape(tf.cast(sample_weight, per_example.dtype), [-1])
-        loss = tf.reduce_sum(per_example)
+            sample_weight = tf.reshape(tf.cast(sample_weight, scores.dtype), [-1])
+        loss = self._loss(y_true=labels, y_pred=scores, sample_weight=sample_weight)
+        # The loss already carries the weights: TFRS 0.7.3 also passes the [batch] sample_weight with the scalar
+        # loss, which Keras metrics refuse (InvalidArgumentError), so only the loss goes to the loss metrics.
         update_ops = [m.update_state(loss) for m in self._loss_metrics]
+        if compute_metrics:
+            positives = candidate_embeddings[:tf.shape(query_embeddings)[0]]  # without extra negatives
+            update_ops += [m.update_state(query_embeddings, positives, true_candidate_ids=candidate_ids)
+                           for m in self._factorized_metrics]
         if compute_batch_metrics:
             update_ops += [m.update_state(labels, scores) for m in self._batch_metrics]
-        if compute_metrics:
-            update_ops += [m.update_state(query_embeddings, candidate_embeddings[:tf.shape(query_embeddings)[0]],
-                                          true_candidate_ids=candidate_ids) for m in self._factorized_metrics]
         with tf.control_dependencies(update_ops):
             return tf.identity(loss)
 
     def get_config(self):
-        return {"name": self.name, "temperature": self.temperature, "remove_accidental_hits": self.remove_hits,
-                "num_hard_negatives": self.num_hard, "gather_across_replicas": self.gather_across_replicas,
-                "in_batch_negatives": self.in_batch_negatives}
+        config = super().get_config()
+        config.update({
+            "loss": None if self._given_loss is None else tf.keras.losses.serialize(self._given_loss),
+            "metrics": [_serialize_metric("metrics", m) for m in self._factorized_metrics],
+            "batch_metrics": [_serialize_metric("batch_metrics", m) for m in self._batch_metrics],
+            "loss_metrics": [_serialize_metric("loss_metrics", m) for m in self._loss_metrics],
+            "temperature": self.temperature, "num_hard_negatives": self.num_hard,
+            "remove_accidental_hits": self.remove_hits, "gather_across_replicas": self.gather_across_replicas,
+            "in_batch_negatives": self.in_batch_negatives})
+        return config
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        if config.get("loss") is not None:
+            config["loss"] = tf.keras.losses.deserialize(config["loss"])
+        # Keras metrics through tf.keras.metrics.deserialize: it knows the built-in ones also where Keras's
+        # legacy deserialisation runs (loading a SavedModel), which the generic function does not.
+        config["metrics"] = [tf.keras.utils.deserialize_keras_object(m) for m in config.get("metrics") or []]
+        for key in ("batch_metrics", "loss_metrics"):
+            config[key] = [tf.keras.metrics.deserialize(m) for m in config.get(key) or []]
         return cls(**config)

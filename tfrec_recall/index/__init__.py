@@ -1,7 +1,13 @@
-"""Top-k indexes: BruteForce and IVF (stock TF ops), ScaNN (scann's custom ops)."""
-from tfrec_recall.index.base import TopKIndex
+"""Top-k indexes: BruteForce and IVF (stock TF ops), ScaNN (scann's custom ops), registered by name in
+:mod:`tfrec_recall.index.registry` (``index_names()``: brute_force, ivf, scann); ``MultiQueryRetriever`` searches K query vectors per user in any
+of them and merges the results."""
+from tfrec_recall.index.base import (INDEX_FORMAT_VERSION, TopKIndex, check_format_version,
+                                     check_saved_format_version)
 from tfrec_recall.index.brute_force import BruteForce
 from tfrec_recall.index.ivf import IVF, kmeans
+from tfrec_recall.index.multi_query import MultiQueryRetriever
+from tfrec_recall.index.registry import index_class, index_names, register_index
 from tfrec_recall.index.scann import ScaNN, ScaNNConfig
 
-__all__ = ["TopKIndex", "BruteForce", "IVF", "ScaNN", "ScaNNConfig", "kmeans"]
+__all__ = ["TopKIndex", "BruteForce", "IVF", "ScaNN", "ScaNNConfig", "MultiQueryRetriever", "kmeans", "INDEX_FORMAT_VERSION",
+           "check_format_version", "check_saved_format_version", "index_class", "index_names", "register_index"]

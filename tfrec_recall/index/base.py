@@ -1,13 +1,19 @@
-"""Top-k index layers: build with ``index(ids, embeddings)`` (returns self), query with ``call``.
+"""Top-k index layers: build once with ``index(ids, embeddings)`` (returns self), query with ``call``.
 
 ``call(queries, k=None, exclude=None)`` returns ``(scores [batch, k] float32, ids [batch, k] string)``; ``k``
 is chosen per call up to the ``max_k`` given at construction; ``exclude`` is a ``[batch, E]`` string tensor of
 ids to leave out (e.g. items the user has seen; pad with ``""``). Exclusion searches ``k + E`` candidates and
 drops the excluded ones, so every returned id is valid. When fewer than ``k`` candidates remain, scores are
 ``-inf`` and ids ``""`` in the tail.
+
+Every index is a registered Keras object (``package="tfrec_recall"``) whose ``get_config`` / ``from_config``
+round trip gives an unbuilt index with the same parameters, and is registered by its public name in
+:mod:`tfrec_recall.index.registry`. A built index records :data:`INDEX_FORMAT_VERSION` (in its config and in an
+``index_format_version`` variable saved with it); a config or saved index of another version is refused.
 """
 from __future__ import annotations
 
+import abc
 from typing import Optional, Tuple
 
 import numpy as np
@@ -15,55 +21,67 @@ import tensorflow as tf
 
 from tfrec_recall._validation import require_positive_int
 
+# The layout of a built index's state (variables and config). A saved index or config written with another
+# version is refused (check_format_version) instead of being misread; bump it when that layout changes.
+INDEX_FORMAT_VERSION = 1
 
-class TopKIndex(tf.keras.Model):
+
+def check_format_version(found, source: str = "the index") -> None:
+    """Raises ``ValueError`` naming both versions unless ``found`` is :data:`INDEX_FORMAT_VERSION`."""
+    if found != INDEX_FORMAT_VERSION:
+        raise ValueError(f"{source} has index format version {found!r}, but this tfrec_recall reads index format "
+                         f"version {INDEX_FORMAT_VERSION}: rebuild it with this version")
+
+
+def check_saved_format_version(restored) -> None:
+    """Checks the ``index_format_version`` variable of an index restored from a SavedModel or checkpoint (e.g.
+    ``tf.saved_model.load(export_dir).retrieval_index``); ``ValueError`` naming both versions on a mismatch."""
+    variable = getattr(restored, "index_format_version", None)
+    if variable is None:
+        raise ValueError(f"the saved index records no index format version, but this tfrec_recall reads index "
+                         f"format version {INDEX_FORMAT_VERSION}: rebuild it with this version")
+    check_format_version(int(tf.convert_to_tensor(variable).numpy()), "the saved index")
+
+
+class TopKIndex(tf.keras.Model, metaclass=abc.ABCMeta):
+    """Base of the top-k indexes: subclasses implement ``_build_index`` and ``_search``. Built once, by
+    :meth:`index`; the config (``get_config`` / ``from_config``) rebuilds an unbuilt index with the same
+    parameters."""
+
     def __init__(self, max_k: int = 100, **kwargs):
         super().__init__(**kwargs)
         self.max_k = require_positive_int("max_k", max_k)
         self.ids: Optional[tf.Variable] = None
+        self.index_format_version: Optional[tf.Variable] = None
         self.num_candidates = 0
         self.dimension = 0
 
     # -- building ------------------------------------------------------------------------------------------
     def index(self, ids, embeddings) -> "TopKIndex":
-        ids = np.asarray(ids).astype(str)
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if embeddings.ndim != 2:
-            raise ValueError(f"embeddings must be 2-D [num_candidates, dim], got shape {embeddings.shape}")
-        if ids.shape != (embeddings.shape[0],):
-            raise ValueError(f"ids must be 1-D with one id per embedding row ({embeddings.shape[0]}), "
-                             f"got shape {ids.shape}")
-        if embeddings.shape[0] == 0:
-            raise ValueError("cannot index an empty candidate set")
-        if not np.all(np.isfinite(embeddings)):
-            row = int(np.flatnonzero(~np.all(np.isfinite(embeddings), axis=1))[0])
-            raise ValueError(f"embeddings row {row} (id {ids[row]!r}) is not finite")
-        if (ids == "").any():
-            raise ValueError("candidate ids must be non-empty strings ('' pads exclusions)")
-        self.num_candidates, self.dimension = int(embeddings.shape[0]), int(embeddings.shape[1])
-        self.ids = tf.Variable(ids.astype(object), trainable=False, dtype=tf.string, name="candidate_ids")
+        """Builds the index over ``ids`` [n] and ``embeddings`` [n, dim], once; returns self."""
+        if self.ids is not None:
+            raise ValueError(f"{type(self).__name__} {self.name!r} is already built over {self.num_candidates} "
+                             "candidates; an index is built once: make a new one (e.g. "
+                             "type(index).from_config(index.get_config())) to index other candidates")
+        ids, embeddings = _checked_candidates(ids, embeddings)
         self._build_index(embeddings)
+        self.num_candidates, self.dimension = int(embeddings.shape[0]), int(embeddings.shape[1])
+        self.index_format_version = tf.Variable(INDEX_FORMAT_VERSION, trainable=False, dtype=tf.int32,
+                                                name="index_format_version")
+        self.ids = tf.Variable(ids.astype(object), trainable=False, dtype=tf.string, name="candidate_ids")
         return self
 
-    def index_from_dataset(self, dataset: tf.data.Dataset) -> "TopKIndex":
-        """Indexes a dataset of ``(ids, embeddings)`` batches."""
-        ids, vectors = [], []
-        for batch_ids, batch_vectors in dataset:
-            ids.append(np.asarray(batch_ids.numpy()).astype(str))
-            vectors.append(np.asarray(batch_vectors.numpy(), dtype=np.float32))
-        if not ids:
-            raise ValueError("the dataset yielded no (ids, embeddings) batches")
-        return self.index(np.concatenate(ids), np.concatenate(vectors))
-
+    @abc.abstractmethod
     def _build_index(self, embeddings: np.ndarray) -> None:
-        raise NotImplementedError
+        """Builds the search structures over validated float32 ``embeddings`` [n, dim]."""
 
     # -- querying ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _search(self, queries: tf.Tensor, k: int) -> Tuple[tf.Tensor, tf.Tensor]:
-        """(scores [B, k] float32, candidate row indices [B, k] int32), best first."""
-        raise NotImplementedError
+        """(scores [B, k] float32, candidate row indices [B, k] int32, -1 for none), best first."""
 
     def call(self, queries, k: Optional[int] = None, exclude: Optional[tf.Tensor] = None):
+        """(scores [B, k] float32, ids [B, k] string) of the best ``k`` candidates not in ``exclude``."""
         if self.ids is None:
             raise ValueError(f"{type(self).__name__}: call index(ids, embeddings) before querying")
         k = self.max_k if k is None else require_positive_int("k", k)
@@ -89,11 +107,40 @@ class TopKIndex(tf.keras.Model):
         top_scores, order = tf.math.top_k(scores, k=k)
         return top_scores, tf.gather(ids, order, batch_dims=1)
 
-    def get_config(self):
-        # An index is rebuilt with index(...), not from a config; the config describes it (Keras asks for one).
-        return self.parameters()
+    # -- configuration -------------------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """Every constructor argument (with Keras' ``name`` and ``trainable``), plus the index format version;
+        the built state is not part of it."""
+        return {**super().get_config(), "name": self.name, "trainable": self.trainable, "max_k": self.max_k,
+                "format_version": INDEX_FORMAT_VERSION}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TopKIndex":
+        """An unbuilt index with the parameters of ``config``; refuses another index format version."""
+        config = dict(config)
+        check_format_version(config.pop("format_version", None), f"the {cls.__name__} config")
+        return cls(**config)
 
     def parameters(self) -> dict:
         """Index type and parameters, for export manifests."""
         return {"type": type(self).__name__, "max_k": self.max_k, "num_candidates": self.num_candidates,
-                "dimension": self.dimension}
+                "dimension": self.dimension, "format_version": INDEX_FORMAT_VERSION}
+
+
+def _checked_candidates(ids, embeddings) -> Tuple[np.ndarray, np.ndarray]:
+    """``ids`` as a str array and ``embeddings`` as float32 [n, dim], or ``ValueError`` saying what is wrong."""
+    ids = np.asarray(ids).astype(str)
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [num_candidates, dim], got shape {embeddings.shape}")
+    if ids.shape != (embeddings.shape[0],):
+        raise ValueError(f"ids must be 1-D with one id per embedding row ({embeddings.shape[0]}), "
+                         f"got shape {ids.shape}")
+    if embeddings.shape[0] == 0:
+        raise ValueError("cannot index an empty candidate set")
+    if not np.all(np.isfinite(embeddings)):
+        row = int(np.flatnonzero(~np.all(np.isfinite(embeddings), axis=1))[0])
+        raise ValueError(f"embeddings row {row} (id {ids[row]!r}) is not finite")
+    if (ids == "").any():
+        raise ValueError("candidate ids must be non-empty strings ('' pads exclusions)")
+    return ids, embeddings

@@ -7,14 +7,19 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall.index.base import TopKIndex
+from tfrec_recall.index.registry import register_index
 
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 
 
+@register_index("brute_force")
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class BruteForce(TopKIndex):
+    """Exact inner-product top-k; ``storage_dtype`` (float32, float16, bfloat16) stores the candidates."""
+
     def __init__(self, max_k: int = 100, storage_dtype: str = "float32", **kwargs):
         super().__init__(max_k=max_k, **kwargs)
-        if storage_dtype not in DTYPES:
+        if not isinstance(storage_dtype, str) or storage_dtype not in DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(DTYPES)}, got {storage_dtype!r}")
         self.storage_dtype = storage_dtype
         self.candidates = None
@@ -28,5 +33,8 @@ class BruteForce(TopKIndex):
         top, rows = tf.math.top_k(tf.cast(scores, tf.float32), k=k)
         return top, rows
 
-    def parameters(self):
+    def get_config(self) -> dict:
+        return {**super().get_config(), "storage_dtype": self.storage_dtype}
+
+    def parameters(self) -> dict:
         return {**super().parameters(), "storage_dtype": self.storage_dtype}

@@ -13,13 +13,15 @@ exactly, return the top k. Like any IVF over inner products, it suits L2-normali
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from tfrec_recall._validation import require_positive_int
+from tfrec_recall._validation import require_int, require_positive_int
 from tfrec_recall.index.base import TopKIndex
+from tfrec_recall.index.registry import register_index
 
 
 def _nearest(x: tf.Tensor, centroids: tf.Tensor, top: int = 1, chunk: int = 65536):
@@ -81,7 +83,13 @@ def balanced_assignment(x: np.ndarray, centroids: np.ndarray, capacity: int, cho
     return assign
 
 
+@register_index("ivf")
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class IVF(TopKIndex):
+    """Inverted-file index: ``num_lists`` k-means lists (``kmeans_iterations`` Lloyd iterations on a
+    ``kmeans_sample_size`` sample, seeded by ``seed``), each holding at most ``capacity_factor`` times the mean
+    list size; a query probes its ``num_probes`` best lists."""
+
     def __init__(self, max_k: int = 100, num_lists: int = 1024, num_probes: int = 32, kmeans_iterations: int = 15,
                  kmeans_sample_size: int = 200_000, capacity_factor: float = 1.5, seed: int = 0,
                  progress: bool = False, **kwargs):
@@ -92,10 +100,14 @@ class IVF(TopKIndex):
             raise ValueError(f"num_probes must be <= num_lists ({num_lists}), got {num_probes}")
         self.kmeans_iterations = require_positive_int("kmeans_iterations", kmeans_iterations)
         self.kmeans_sample_size = require_positive_int("kmeans_sample_size", kmeans_sample_size)
-        if not capacity_factor >= 1.0:
-            raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor!r}")
+        if not (isinstance(capacity_factor, numbers.Real) and not isinstance(capacity_factor, bool)
+                and 1.0 <= capacity_factor < math.inf):
+            raise ValueError(f"capacity_factor must be a finite number >= 1, got {capacity_factor!r}")
         self.capacity_factor = float(capacity_factor)
-        self.seed, self.progress = seed, progress
+        self.seed = require_int("seed", seed, minimum=0)
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress must be a bool, got {progress!r}")
+        self.progress = progress
         self.capacity = 0
 
     def _build_index(self, embeddings: np.ndarray) -> None:
@@ -143,7 +155,12 @@ class IVF(TopKIndex):
             rows = tf.pad(rows, [[0, 0], [0, k - depth]], constant_values=-1)
         return scores, rows
 
-    def parameters(self):
+    def get_config(self) -> dict:
+        return {**super().get_config(), "num_lists": self.num_lists, "num_probes": self.num_probes,
+                "kmeans_iterations": self.kmeans_iterations, "kmeans_sample_size": self.kmeans_sample_size,
+                "capacity_factor": self.capacity_factor, "seed": self.seed, "progress": self.progress}
+
+    def parameters(self) -> dict:
         return {**super().parameters(), "num_lists": self.num_lists, "num_probes": self.num_probes,
                 "capacity": self.capacity, "capacity_factor": self.capacity_factor,
                 "kmeans_iterations": self.kmeans_iterations, "fill_ratio": getattr(self, "fill_ratio", None)}

@@ -10,14 +10,16 @@ size when indexing::
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import uuid
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from tfrec_recall.index.base import TopKIndex
 from tfrec_recall._validation import require_positive_int
+from tfrec_recall.index.base import TopKIndex
+from tfrec_recall.index.registry import register_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,8 @@ class ScaNNConfig:
         if self.num_leaves_to_search > self.num_leaves:
             raise ValueError(f"ScaNNConfig.num_leaves_to_search must be <= num_leaves ({self.num_leaves}), "
                              f"got {self.num_leaves_to_search}")
-        if not 0.0 <= self.anisotropic_quantization_threshold < 1.0:
+        threshold = self.anisotropic_quantization_threshold
+        if not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool) and 0.0 <= threshold < 1.0):
             raise ValueError("ScaNNConfig.anisotropic_quantization_threshold must be in [0, 1), got "
                              f"{self.anisotropic_quantization_threshold!r}")
 
@@ -63,11 +66,16 @@ class ScaNNConfig:
                              f"({num_candidates})")
 
 
+@register_index("scann")
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class ScaNN(TopKIndex):
+    """ScaNN (tree + asymmetric hashing + optional exact reordering) as configured by ``config`` (a
+    :class:`ScaNNConfig`; ``None`` for the defaults)."""
+
     def __init__(self, config: Optional[ScaNNConfig] = None, max_k: int = 100, **kwargs):
         super().__init__(max_k=max_k, **kwargs)
         if config is not None and not isinstance(config, ScaNNConfig):
-            raise TypeError(f"config must be a ScaNNConfig, got {type(config).__name__}")
+            raise ValueError(f"config must be a ScaNNConfig, got {config!r} ({type(config).__name__})")
         self.config = config or ScaNNConfig()
         self._module = None
 
@@ -92,5 +100,16 @@ class ScaNN(TopKIndex):
         result = searcher.search_batched_parallel(queries, final_num_neighbors=k)
         return tf.cast(result.distances, tf.float32), tf.cast(result.indices, tf.int32)
 
-    def parameters(self):
+    def get_config(self) -> dict:
+        return {**super().get_config(), "config": dataclasses.asdict(self.config)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ScaNN":
+        """Takes the ScaNN configuration as the dict ``get_config`` writes (or a :class:`ScaNNConfig`)."""
+        config = dict(config)
+        if isinstance(config.get("config"), dict):
+            config["config"] = ScaNNConfig(**config["config"])
+        return super().from_config(config)
+
+    def parameters(self) -> dict:
         return {**super().parameters(), **dataclasses.asdict(self.config)}

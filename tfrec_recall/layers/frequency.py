@@ -36,12 +36,32 @@ import tensorflow as tf
 from tfrec_recall._validation import is_int, require_positive_int
 
 
-@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class StreamingFrequencyEstimator(tf.keras.layers.Layer):
-    def __init__(self, num_buckets: int = 1 << 20, num_hashes: int = 2, alpha: float = 0.01,
-                 initial_steps: float = 0.0, **kwargs):
+class NonTrainableLayer(tf.keras.layers.Layer):
+    """A layer without trainable state: ``trainable`` is always False. A ``trainable`` argument is ignored (as
+    configs of earlier versions may hold one); Keras's cascade of a parent model's ``trainable = True`` (which
+    loading a SavedModel runs) writes the flag underneath and is not seen; setting True on the layer itself
+    is refused."""
+
+    def __init__(self, **kwargs):
         kwargs.pop("trainable", None)
         super().__init__(trainable=False, **kwargs)
+
+    @property
+    def trainable(self) -> bool:
+        return False
+
+    @trainable.setter
+    def trainable(self, value) -> None:
+        if value:
+            raise ValueError(f"{type(self).__name__} has no trainable state: trainable must be False, got {value!r}")
+        self._trainable = False
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
+class StreamingFrequencyEstimator(NonTrainableLayer):
+    def __init__(self, num_buckets: int = 1 << 20, num_hashes: int = 2, alpha: float = 0.01,
+                 initial_steps: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
         require_positive_int("num_buckets", num_buckets)
         if not is_int(num_hashes) or not 1 <= num_hashes <= 16:
             raise ValueError(f"num_hashes must be an integer in [1, 16], got {num_hashes!r}")
@@ -61,6 +81,7 @@ class StreamingFrequencyEstimator(tf.keras.layers.Layer):
                                     initializer=tf.keras.initializers.Constant(float(self.initial_steps > 0)),
                                     **sync)
         self.step = self.add_weight(name="global_step", shape=(), dtype=tf.int64, initializer="zeros", **sync)
+        self.built = True  # all state is made here; Keras saves an unbuilt layer only partially
 
     def hash(self, ids: tf.Tensor) -> tf.Tensor:
         """Flat state indices ``[num_hashes, n]`` of string (or integer) ids: ``j * num_buckets + h_j(id)``,

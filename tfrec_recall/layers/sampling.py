@@ -16,16 +16,16 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall.data.tfdata import to_tensors
+from tfrec_recall.layers.frequency import NonTrainableLayer
 from tfrec_recall._validation import require_positive_int
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class CorpusNegativeSampler(tf.keras.layers.Layer):
+class CorpusNegativeSampler(NonTrainableLayer):
     def __init__(self, candidate_features: Mapping[str, Sequence], id_feature: str = "item_id",
                  counts: Optional[Sequence[float]] = None, beta: float = 0.0, num_negatives: int = 256,
                  seed: int = 0, **kwargs):
-        kwargs.pop("trainable", None)
-        super().__init__(trainable=False, **kwargs)
+        super().__init__(**kwargs)
         if id_feature not in candidate_features:
             raise ValueError(f"candidate_features must contain the id feature {id_feature!r}, got "
                              f"{sorted(candidate_features)}")
@@ -61,6 +61,7 @@ class CorpusNegativeSampler(tf.keras.layers.Layer):
         self._row_of = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(ids, tf.range(n, dtype=tf.int64)), default_value=-1)
         self._generator = tf.random.Generator.from_seed(seed)
+        self.built = True  # all state is made here; Keras saves an unbuilt layer only partially
 
     def call(self, inputs=None):
         return self.sample()

@@ -31,6 +31,12 @@ def _check_units(name: str, units) -> tuple:
     return units
 
 
+def model_base_config(model: tf.keras.Model, config: dict) -> dict:
+    """``config`` (a subclassed model's ``super().get_config()``, which Keras leaves empty when the subclass
+    overrides ``get_config``) completed with the Keras arguments every model takes: name, trainable, dtype."""
+    return {**config, "name": model.name, "trainable": model.trainable, "dtype": model.dtype_policy.name}
+
+
 class Tower(tf.keras.Model):
     """Base tower; subclasses implement :meth:`combine`."""
 
@@ -69,8 +75,9 @@ class Tower(tf.keras.Model):
         return x
 
     def get_config(self):
-        return {"name": self.name, "features": [s.to_dict() for s in self.encoder.specs],
-                "output_dim": self.output_dim, "l2_normalize": self.l2_normalize, "dropout": self.dropout_rate}
+        return {**model_base_config(self, super().get_config()),
+                "features": [s.to_dict() for s in self.encoder.specs], "output_dim": self.output_dim,
+                "l2_normalize": self.l2_normalize, "dropout": self.dropout_rate}
 
     @classmethod
     def from_config(cls, config):

@@ -26,7 +26,7 @@ import tensorflow_recommenders as tfrs
 from tfrec_recall.data.schema import ITEM_ID, WEIGHT
 from tfrec_recall.layers.frequency import StreamingFrequencyEstimator
 from tfrec_recall.layers.sampling import CorpusNegativeSampler
-from tfrec_recall.layers.towers import Tower
+from tfrec_recall.layers.towers import Tower, model_base_config
 from tfrec_recall.losses import RetrievalTask
 
 MIN_EXPECTED_COUNT = 1e-6  # floor of Q(y) before the log: an item neither seen nor sampleable
@@ -69,6 +69,14 @@ class TwoTower(tfrs.Model):
         if self.logq_correction and in_batch and self.frequency_estimator is None:
             raise ValueError("logq_correction=True with in-batch negatives needs a frequency_estimator (the "
                              "expected count of each in-batch candidate)")
+
+    def build_from_config(self, config):
+        """Builds both towers from raw inputs of their specs' dtypes (what deserialising a model that was called
+        runs): Keras's default builds the model from float placeholders, which string features cannot take.
+        ``build`` itself is not overridden: Keras would then refuse ``fit`` before a first call."""
+        self.query_tower.build(None)
+        self.candidate_tower.build(None)
+        self.built = True
 
     def call(self, features, training=False):
         """Query embeddings of ``features`` (the retrieval model's serving path)."""
@@ -114,7 +122,9 @@ class TwoTower(tfrs.Model):
             negatives = dict(negative_embeddings=self.candidate_tower(neg_features, training=training),
                              negative_ids=negative_ids)
         log_q = self.log_q(ids, negative_ids, training) if self.logq_correction else {}
-        return self.task(query, candidate, sample_weight=weight, candidate_ids=ids, **negatives, **log_q)
+        # As in TFRS models: the (full-corpus, slow) factorized metrics only outside training.
+        return self.task(query, candidate, sample_weight=weight, candidate_ids=ids, compute_metrics=not training,
+                         **negatives, **log_q)
 
     def train_step(self, inputs):
         with tf.GradientTape() as tape:
@@ -138,7 +148,7 @@ class TwoTower(tfrs.Model):
         return logs
 
     def get_config(self):
-        return {"name": self.name, "query_tower": _serialize(self.query_tower),
+        return {**model_base_config(self, super().get_config()), "query_tower": _serialize(self.query_tower),
                 "candidate_tower": _serialize(self.candidate_tower), "task": _serialize(self.task),
                 "frequency_estimator": (None if self.frequency_estimator is None
                                         else _serialize(self.frequency_estimator)),
