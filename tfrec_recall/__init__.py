@@ -30,3 +30,34 @@ def _select_legacy_keras() -> None:
 
 
 _select_legacy_keras()
+
+# The main classes and functions at the top level (``import tfrec_recall as tr; tr.TwoTower(...)``), imported
+# on first use so that ``import tfrec_recall`` stays cheap and still runs before TensorFlow. Names never equal
+# a submodule's (``tr.train`` stays the module).
+_PUBLIC = {
+    "TwoTower": "tfrec_recall.models",
+    "RetrievalTask": "tfrec_recall.losses",
+    "MLPTower": "tfrec_recall.layers", "SENetTower": "tfrec_recall.layers", "ResidualTower": "tfrec_recall.layers",
+    "YouTubeDNNTower": "tfrec_recall.layers", "StreamingFrequencyEstimator": "tfrec_recall.layers",
+    "CorpusNegativeSampler": "tfrec_recall.layers",
+    "BruteForce": "tfrec_recall.index", "IVF": "tfrec_recall.index", "ScaNN": "tfrec_recall.index",
+    "ScaNNConfig": "tfrec_recall.index", "MultiQueryRetriever": "tfrec_recall.index",
+    "make_synthetic": "tfrec_recall.data", "leave_last_out": "tfrec_recall.data",
+    "specs_from_split": "tfrec_recall.features", "feature_arrays": "tfrec_recall.features",
+    "load_config": "tfrec_recall.config", "evaluate": "tfrec_recall.train",
+    "export_retrieval_model": "tfrec_recall.export",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tfrec_recall' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
