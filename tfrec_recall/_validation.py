@@ -1,6 +1,7 @@
 """Argument checks shared by every constructor: errors name the argument and the value received."""
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -20,3 +21,11 @@ def require_positive_int(name: str, value) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def require_finite_nonnegative(name: str, value) -> float:
+    """``value`` must be a finite real number >= 0, not a bool (message: "NAME must be a finite number >= 0,
+    got VALUE")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)

@@ -80,11 +80,6 @@ def evaluate_model(model_dir: str, split, which: Sequence[str] = ("valid", "test
 POPULARITY_METRIC = "HR@50"
 
 
-def _check_margin(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
 
 def judge(metrics: Mapping[str, float], thresholds: Mapping[str, float],
           baseline: Optional[Mapping[str, float]] = None, margin: float = 0.01,
@@ -101,8 +96,9 @@ def judge(metrics: Mapping[str, float], thresholds: Mapping[str, float],
 
     Returns ``{"blessed": bool, "checks": [...]}``; unknown metric names and negative margins raise ValueError
     naming them."""
-    margin = _check_margin("margin", margin)
-    popularity_margin = _check_margin("popularity_margin", popularity_margin)
+    from tfrec_recall._validation import require_finite_nonnegative
+    margin = require_finite_nonnegative("margin", margin)
+    popularity_margin = require_finite_nonnegative("popularity_margin", popularity_margin)
     names = list(thresholds) + list(compare) + ([popularity_metric] if popularity is not None else [])
     for name in names:
         if name not in metrics:

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tfrec_recall._validation import require_positive_int
+from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
 from tfrec_recall.index.base import TopKIndex
 
 
@@ -33,15 +33,12 @@ class MultiQueryRetriever(tf.keras.Model):
         super().__init__(**kwargs)
         if not isinstance(index, TopKIndex):
             raise ValueError(f"index must be a TopKIndex (BruteForce, IVF, ScaNN), got {type(index).__name__}")
-        if not (isinstance(diversity, (int, float)) and not isinstance(diversity, bool)
-                and np.isfinite(diversity) and diversity >= 0):
-            raise ValueError(f"diversity must be a finite number >= 0, got {diversity!r}")
         self.index = index
         self.max_k = index.max_k
         self.per_query_k = self.max_k if per_query_k is None else require_positive_int("per_query_k", per_query_k)
         if self.per_query_k > self.max_k:
             raise ValueError(f"per_query_k must be <= the index's max_k ({self.max_k}), got {self.per_query_k}")
-        self.diversity = float(diversity)
+        self.diversity = require_finite_nonnegative("diversity", diversity)
         self.categories: Optional[tf.lookup.StaticHashTable] = None
         self.num_categories = 0
 
