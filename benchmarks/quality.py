@@ -86,7 +86,7 @@ def run(log: RunLog, split, row, preset, overrides, seed, max_epochs):
     done = log.get(row, overrides, seed, max_epochs)
     if done is not None:
         return done
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     config = load_config(preset, overrides={**overrides, "seed": seed, "epochs": max_epochs, "patience": 3,
                                             "selection_metric": SELECTION})
     start = time.perf_counter()
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs) for seed in SEEDS]
         rows.append({"name": family[0], "preset": family[1], "overrides": chosen, "grid": family[3],
                      "summary": summarize(records)})
-    from tfrec_recall.baselines import most_popular_metrics
+    from tfrec_recall.evaluation.baselines import most_popular_metrics
     rows.insert(0, {"name": "Most popular (reference)", "overrides": None,
                     "valid": most_popular_metrics(split, "valid"), "test": most_popular_metrics(split, "test")})
     write_report(rows, split, args, out)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 import tfrec_recall  # noqa: E402,F401  (selects tf-keras before TensorFlow)
 import tensorflow as tf  # noqa: E402
 
-from tfrec_recall.index import IVF, BruteForce, ScaNN, ScaNNConfig  # noqa: E402
+from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, ScaNNConfig  # noqa: E402
 
 
 def clustered(n, d=64, clusters=2000, seed=0):
@@ -130,7 +130,7 @@ def start_server(base):
 
 
 def quality_cost(data_dir, epochs):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     from tfrec_recall.config import load_config
     from tfrec_recall.data import leave_last_out, read_movielens_100k
     from tfrec_recall.export import export_retrieval_model

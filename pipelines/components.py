@@ -1,12 +1,12 @@
 """Custom TFX components of the retrieval pipeline, as ``@component`` functions with typed artifacts.
 
-The work is done by library functions (``tfrec_recall.pipeline_steps`` and ``tfrec_recall.data.protocol``);
+The work is done by library functions (``tfrec_recall.training.tfx_trainer``, ``tfrec_recall.evaluation.blessing``, ``tfrec_recall.export.pipeline_export`` and ``tfrec_recall.data.protocol``);
 these wrappers only move artifacts and record results in ML Metadata.
 
 * ``ProtocolSplit``: refuses to go on when ExampleValidator found anomalies (the error lists them), then splits
   the validated interactions by PROTOCOL.md with causal history in a Beam transform -> train / eval / test.
 * ``RetrievalEvaluator``: full-corpus HR@K, Recall@K, NDCG@K and coverage of the trained model on the eval and test
-  splits, of the most-popular ranker (``tfrec_recall.baselines``) on the same rows, and of the latest blessed
+  splits, of the most-popular ranker (``tfrec_recall.evaluation.baselines``) on the same rows, and of the latest blessed
   model when the Resolver found one, on the same data. Blesses only when the model's HR@50 beats the most-popular
   ranker's by ``popularity_margin`` (absolute), meets the optional absolute thresholds and does not fall behind
   the latest blessed model by more than ``margin``. Writes metrics.json, report.html and report.png.
@@ -95,10 +95,10 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
                        margin: Parameter[float] = 0.01, popularity_margin: Parameter[float] = 0.02,
                        blessing_split: Parameter[str] = "eval",
                        ks_json: Parameter[str] = "[10, 50, 100]") -> None:
-    from tfrec_recall.baselines import most_popular_metrics
+    from tfrec_recall.evaluation.baselines import most_popular_metrics
     from tfrec_recall.data.protocol import read_split_examples
-    from tfrec_recall.pipeline_steps import evaluate_model, judge, write_report
-    from tfrec_recall.train import load_run_config
+    from tfrec_recall.evaluation.blessing import evaluate_model, judge, write_report
+    from tfrec_recall.training import load_run_config
     thresholds, compare, ks = json.loads(thresholds_json), json.loads(compare_metrics_json), json.loads(ks_json)
     which = {"eval": "valid", "test": "test"}
     if blessing_split not in which:
@@ -155,7 +155,7 @@ def _record_verdict(result, verdict, model, baseline_model, evaluation, blessing
 @tfx.dsl.components.component
 def RetrievalExporter(model: InputArtifact[Model], exported_model: OutputArtifact[Model],
                       index: Parameter[str] = "brute_force", k: Parameter[int] = 100) -> None:
-    from tfrec_recall.pipeline_steps import export_for_serving
+    from tfrec_recall.export.pipeline_export import export_for_serving
     export_for_serving(os.path.join(model.uri, SERVING_SUBDIR), os.path.join(exported_model.uri, SERVING_SUBDIR),
                        index=index, k=k)
     exported_model.set_string_custom_property("index", index)
@@ -165,7 +165,7 @@ def RetrievalExporter(model: InputArtifact[Model], exported_model: OutputArtifac
 @tfx.dsl.components.component
 def ExportInfraCheck(model: InputArtifact[Model], blessing: OutputArtifact[InfraBlessing],
                      timeout_seconds: Parameter[int] = 600) -> None:
-    from tfrec_recall.pipeline_steps import smoke_test_export
+    from tfrec_recall.export.pipeline_export import smoke_test_export
     result = smoke_test_export(os.path.join(model.uri, SERVING_SUBDIR), timeout=timeout_seconds)
     blessing.set_int_custom_property("blessed", int(result["ok"]))
     if not result["ok"]:

@@ -3,7 +3,7 @@ and (only when blessed) pushed retrieval model.
 
     ExampleGen (CsvExampleGen | ImportExampleGen) -> StatisticsGen -> ImportSchemaGen -> ExampleValidator
       -> ProtocolSplit (Beam: leave-last-out + causal history; stops on anomalies)
-      -> Trainer (run_fn = tfrec_recall.pipeline_steps.run_fn)
+      -> Trainer (run_fn = tfrec_recall.training.tfx_trainer.run_fn)
       -> RetrievalEvaluator (blesses a model that beats the most-popular ranker by ``popularity_margin`` HR@50
          and does not fall behind the latest blessed model, which the Resolver finds, by more than ``margin``)
       -> RetrievalExporter (SavedModel with the index inside) -> ExportInfraCheck (fresh process)
@@ -25,14 +25,14 @@ from tfx import v1 as tfx
 
 from pipelines.pusher import Pusher
 from tfrec_recall.config import DEFAULT_PRESET
-from tfrec_recall.index import index_names
+from tfrec_recall.retrievers import index_names
 
 from pipelines.components import ExportInfraCheck, ProtocolSplit, RetrievalEvaluator, RetrievalExporter
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema")
 DATA_FORMATS = ("csv", "tfrecord")
 ID_TYPES = ("string", "int")
-RUN_FN = "tfrec_recall.pipeline_steps.run_fn"
+RUN_FN = "tfrec_recall.training.tfx_trainer.run_fn"
 RAW_SPLIT = "interactions"
 COMPONENT_IDS = ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit", "Trainer",
                  "latest_blessed_model_resolver", "RetrievalEvaluator", "RetrievalExporter", "ExportInfraCheck",
@@ -74,7 +74,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
       preset / config: a ``tfrec_recall.config`` preset and overrides of its keys (the Trainer's
         ``custom_config``); ``train_steps`` caps training at that many batches (TFX ``train_args.num_steps``).
       popularity_margin / thresholds / compare_metrics / margin: the blessing, on ``blessing_split``. The
-        model's HR@50 must beat the most-popular ranker's (``tfrec_recall.baselines.most_popular_metrics``:
+        model's HR@50 must beat the most-popular ranker's (``tfrec_recall.evaluation.baselines.most_popular_metrics``:
         items by training count, the same rows and protocol) by more than ``popularity_margin``, an ABSOLUTE
         difference of HR@50 (0.02: two percentage points), not a ratio. Every ``thresholds`` metric must be
         >= its absolute bound (default none). Every ``compare_metrics`` metric must not fall more than
@@ -84,7 +84,8 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
       beam_pipeline_args: passed to every Beam-based component (e.g. ``--runner=FlinkRunner``).
     """
     from tfrec_recall.config import PRESETS, ConfigError
-    from tfrec_recall.pipeline_steps import POPULARITY_METRIC, trainer_config
+    from tfrec_recall.evaluation.blessing import POPULARITY_METRIC
+    from tfrec_recall.training.tfx_trainer import trainer_config
     _check(isinstance(pipeline_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", pipeline_name) is not None,
            "pipeline_name", pipeline_name, "must be lower-case letters, digits and '-' (Kubeflow V2's rule)")
     for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):

@@ -49,7 +49,7 @@ def mirrored_strategy():
 @pytest.fixture(scope="session")
 def tiny_model(small_split):
     """A YouTubeDNN model trained for one epoch on the small split, with its corpus embeddings."""
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     from tfrec_recall.config import load_config
     config = load_config("youtube_dnn", overrides={"epochs": 1, "embedding_dim": 16, "output_dim": 16,
                                                    "hidden_units": [16], "batch_size": 256})

@@ -259,8 +259,7 @@ def test_dataset_and_tfrecord_round_trip(tmp_path, small_split):
     from tfrec_recall.data.tfdata import make_dataset, read_tfrecords, write_tfrecords
     from tfrec_recall.features import feature_arrays, specs_from_split
     specs = specs_from_split(small_split, use_side_features=True)
-    arrays = feature_arrays(small_split.train, small_split.data, specs["query"] + specs["candidate"],
-                            with_weight=True)
+    arrays = feature_arrays(small_split.train, small_split.data, specs["query"] + specs["candidate"])
     batches = list(make_dataset(arrays, 64))
     assert sum(int(b["item_id"].shape[0]) for b in batches) == len(small_split.train)
     assert batches[0]["history"].shape == (64, 10) and batches[0]["tags"].dtype.name == "string"

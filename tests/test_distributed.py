@@ -8,7 +8,7 @@ Corpus Item Recommendations", eq. 3), with the corrected logit of eq. 4
 
 summed over the queries i of the batch (TFRS's SUM reduction):  L = sum_i r_i * CE_i with
 CE_i = -log softmax_j(s^c(x_i, y_j))[i]. On one device every query sees the B candidates of the global batch.
-Under a strategy with R replicas, :class:`~tfrec_recall.losses.RetrievalTask` all-gathers the in-batch
+Under a strategy with R replicas, :class:`~tfrec_recall.tasks.retrieval.RetrievalTask` all-gathers the in-batch
 candidates (embeddings, ids, log p), so replica r's loss L_r is the sum over ITS queries with softmax over ALL
 B candidates, and sum_r L_r = L. For the gradients, all_gather's gradient all-reduces the upstream gradient
 across replicas and slices out this replica's rows, so replica r's ``tape.gradient(L_r, w)`` holds dL_r/dw
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrec_recall.losses import RetrievalTask
+from tfrec_recall.tasks.retrieval import RetrievalTask
 
 GLOBAL_BATCH = 8
 FEATURES = 5
@@ -211,7 +211,7 @@ def test_two_tower_gradients_match_on_a_distributed_dataset(small_split, mirrore
     negatives with accidental-hit removal): the all-reduced per-replica gradients of ``compute_loss`` over a
     distributed dataset (global batch 64, 32 rows per replica) equal the single-device gradients, embedding
     tables included (their IndexedSlices gradients densified)."""
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     from tfrec_recall.config import load_config
     strategy = mirrored_strategy
     config = load_config("youtube_dnn", overrides={"embedding_dim": 8, "side_embedding_dim": 4, "output_dim": 8,

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfrec_recall.export import (candidate_checksum, export_candidates, export_retrieval_model, saved_model_ops)
-from tfrec_recall.index import INDEX_FORMAT_VERSION, IVF, BruteForce, ScaNN, ScaNNConfig, check_saved_format_version
+from tfrec_recall.retrievers import INDEX_FORMAT_VERSION, IVF, BruteForce, ScaNN, ScaNNConfig, check_saved_format_version
 from tests.test_index import clustered_candidates
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfrec_recall.index import (INDEX_FORMAT_VERSION, IVF, BruteForce, ScaNN, ScaNNConfig, TopKIndex,
+from tfrec_recall.retrievers import (INDEX_FORMAT_VERSION, IVF, BruteForce, ScaNN, ScaNNConfig, TopKIndex,
                                 check_saved_format_version, index_class, index_names, register_index)
-from tfrec_recall.index import base
+from tfrec_recall.retrievers import base
 
 
 def clustered_candidates(n=3000, d=16, clusters=30, seed=0):

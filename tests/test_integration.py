@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @REQUIRES_ML100K
 def test_ml100k_protocol_floor():
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     from tfrec_recall.config import load_config
     from tfrec_recall.data import leave_last_out, read_movielens_100k
     split = leave_last_out(read_movielens_100k(ML100K), history_length=50)

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from tfrec_recall.config import ConfigError, load_config
-from tfrec_recall.losses import RetrievalTask
-from tfrec_recall.metrics import RetrievalEvaluation, full_corpus_metrics
+from tfrec_recall.tasks.retrieval import RetrievalTask
+from tfrec_recall.evaluation.metrics import full_corpus_metrics
+from tfrec_recall.training.callbacks import RetrievalEvaluation
 from tfrec_recall.models import TwoTower
 from tests import references
 from tests.conftest import chance_hit_rate
@@ -120,7 +121,7 @@ class TwoSlices:
 
 
 def test_two_tower_trains_round_trips_and_checkpoints(tmp_path, small_split):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     config = load_config("youtube_dnn", overrides={"epochs": 3, "batch_size": 128, "hidden_units": [32],
                                                    "embedding_dim": 16, "output_dim": 16,
                                                    "logq_correction": True, "negatives": "mixed",
@@ -146,7 +147,7 @@ def test_two_tower_trains_round_trips_and_checkpoints(tmp_path, small_split):
 
 
 def test_training_is_deterministic(small_split):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     config = load_config("two_tower", overrides={"epochs": 1, "batch_size": 256, "embedding_dim": 8,
                                                  "output_dim": 8})
     first = training.train(config, small_split, evaluate_every=0, verbose=0)
@@ -218,7 +219,7 @@ def test_evaluation_callback_adds_validation_metrics():
 
 
 def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_split, mirrored_strategy):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     strategy = mirrored_strategy
     config = load_config("youtube_dnn", overrides={"embedding_dim": 8, "output_dim": 8, "hidden_units": [8],
                                                    "logq_correction": True, "negatives": "mixed",
@@ -236,7 +237,7 @@ def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_sp
 
 
 def test_random_split_evaluation_groups_positives_per_user(small_data):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     from tfrec_recall.data import random_split
     split = random_split(small_data, valid_fraction=0.1, test_fraction=0.2, history_length=5, seed=0)
     assert split.test.user_id.duplicated().any()  # some users hold out several items
@@ -356,7 +357,7 @@ def test_tie_aware_metrics_match_monte_carlo_tie_breaking():
 # --- training: epoch-mean loss, non-finite losses, early stopping -------------------------------------------------
 
 def test_history_loss_is_the_epoch_mean(small_split):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     config = load_config("two_tower", overrides={"embedding_dim": 8, "output_dim": 8, "batch_size": 256})
     model = training.build_model(config, small_split)
     model.compile(optimizer=tf.keras.optimizers.SGD(0.0))  # frozen weights: every batch's loss is reproducible
@@ -368,8 +369,8 @@ def test_history_loss_is_the_epoch_mean(small_split):
 
 
 def test_non_finite_loss_stops_training_naming_epoch_and_causes(small_split):
-    from tfrec_recall import train as training
-    from tfrec_recall.callbacks import NonFiniteLossError
+    from tfrec_recall import training
+    from tfrec_recall.training.callbacks import NonFiniteLossError
     config = load_config("two_tower", overrides={"embedding_dim": 8, "output_dim": 8, "epochs": 2,
                                                  "learning_rate": 1e30, "optimizer": "adagrad"})
     with pytest.raises(NonFiniteLossError, match=r"training loss became nan at epoch 1, batch \d+: .*learning "
@@ -380,7 +381,7 @@ def test_non_finite_loss_stops_training_naming_epoch_and_causes(small_split):
 
 
 def test_early_stopping_restores_the_best_validation_epoch(small_split, monkeypatch):
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     script = iter([0.10, 0.30, 0.20, 0.15, 0.40, 0.50])  # validation HR@50 per epoch: best is epoch 2
     weights = []
 

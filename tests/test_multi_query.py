@@ -6,8 +6,8 @@ import pytest
 import tfrec_recall  # noqa: F401  (selects tf-keras)
 import tensorflow as tf
 
-from tfrec_recall.index import BruteForce, IVF
-from tfrec_recall.index.multi_query import MultiQueryRetriever
+from tfrec_recall.retrievers import BruteForce, IVF
+from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
 
 NUM_ITEMS, DIM, NUM_QUERIES, BATCH = 60, 8, 3, 5
 

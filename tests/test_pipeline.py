@@ -15,9 +15,10 @@ from tfrec_recall.data import leave_last_out  # noqa: E402
 from tfrec_recall.data.protocol import (EVAL, HISTORY, ROW_NUMBER, TEST, TRAIN, assign_user,  # noqa: E402
                                         read_split_examples, to_example, write_interactions_csv,
                                         write_interactions_tfrecord)
-from tfrec_recall.baselines import evaluation_rows, most_popular_metrics  # noqa: E402
+from tfrec_recall.evaluation.baselines import evaluation_rows, most_popular_metrics  # noqa: E402
 from tfrec_recall.data.schema import InteractionData  # noqa: E402
-from tfrec_recall.pipeline_steps import evaluate_model, judge, trainer_config  # noqa: E402
+from tfrec_recall.evaluation.blessing import evaluate_model, judge  # noqa: E402
+from tfrec_recall.training.tfx_trainer import trainer_config  # noqa: E402
 from tests.conftest import chance_hit_rate  # noqa: E402
 
 from pipelines.pipeline import COMPONENT_IDS, create_pipeline  # noqa: E402
@@ -174,7 +175,7 @@ def _save_untrained(split, out: Path, constant: bool) -> Path:
     """The pipeline's model, built but never trained, saved as a run directory; with ``constant`` both towers
     output the same vector for every input (projection kernel 0, bias 1)."""
     import tensorflow as tf
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     config = trainer_config({"preset": "youtube_dnn_mixed", "config": {**SMALL, "history_length": 10}})
     training.set_seed(config.seed)  # the random initialisation, as train() seeds it
     model = training.build_model(config, split)
@@ -253,7 +254,7 @@ def test_kubeflow_v2_spec_names_every_component(tmp_path):
     executors = json.dumps(spec["pipelineSpec"]["deploymentSpec"])
     assert "pipelines.components" in executors and "pipelines.pusher" in executors
     trainer = json.dumps(spec["pipelineSpec"]["root"]["dag"]["tasks"]["Trainer"])
-    assert "tfrec_recall.pipeline_steps.run_fn" in trainer
+    assert "tfrec_recall.training.tfx_trainer.run_fn" in trainer
 
 
 def test_cli_popularity_margin(tmp_path, capsys):
@@ -318,7 +319,7 @@ def _query_pushed(serving: Path):
 def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     import yaml
     from tfrec_recall import cli
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     write_interactions_csv(small_data, tmp_path / "data" / "interactions.csv")
     serving = tmp_path / "serving"
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(SMALL))

@@ -13,7 +13,7 @@ from tfrec_recall.features import (FeatureEncoder, FeatureSpec, IdFeature, Multi
                                    SequenceFeature)
 from tfrec_recall.layers import (CorpusNegativeSampler, MLPTower, ResidualTower, SENetTower,
                                  StreamingFrequencyEstimator, YouTubeDNNTower)
-from tfrec_recall.losses import RetrievalTask
+from tfrec_recall.tasks.retrieval import RetrievalTask
 from tfrec_recall.models import TwoTower
 
 RNG = np.random.default_rng(11)

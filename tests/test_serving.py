@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from tfrec_recall.export import export_retrieval_model
-from tfrec_recall.index import BruteForce
+from tfrec_recall.retrievers import BruteForce
 from tfrec_recall.serving.client import GrpcClient, RestClient
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
@@ -29,7 +29,7 @@ MODELS_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "models.config
 
 def _features(model, split):
     """Inputs of the export's serving signature for 20 test queries."""
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     return training.feature_arrays(split.test.head(20), split.data, model.query_tower.encoder.specs)
 
 

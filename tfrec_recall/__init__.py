@@ -33,18 +33,19 @@ _select_legacy_keras()
 
 # The main classes and functions at the top level (``import tfrec_recall as tr; tr.TwoTower(...)``), imported
 # on first use so that ``import tfrec_recall`` stays cheap and still runs before TensorFlow. Names never equal
-# a submodule's (``tr.train`` stays the module).
+# a submodule's (``tr.training`` is the package, ``tr.train`` its function).
 _PUBLIC = {
     "TwoTower": "tfrec_recall.models",
-    "RetrievalTask": "tfrec_recall.losses",
+    "RetrievalTask": "tfrec_recall.tasks",
     "MLPTower": "tfrec_recall.layers", "SENetTower": "tfrec_recall.layers", "ResidualTower": "tfrec_recall.layers",
     "YouTubeDNNTower": "tfrec_recall.layers", "StreamingFrequencyEstimator": "tfrec_recall.layers",
     "CorpusNegativeSampler": "tfrec_recall.layers",
-    "BruteForce": "tfrec_recall.index", "IVF": "tfrec_recall.index", "ScaNN": "tfrec_recall.index",
-    "ScaNNConfig": "tfrec_recall.index", "MultiQueryRetriever": "tfrec_recall.index",
+    "BruteForce": "tfrec_recall.retrievers", "IVF": "tfrec_recall.retrievers", "ScaNN": "tfrec_recall.retrievers",
+    "ScaNNConfig": "tfrec_recall.retrievers", "MultiQueryRetriever": "tfrec_recall.retrievers",
     "make_synthetic": "tfrec_recall.data", "leave_last_out": "tfrec_recall.data",
     "specs_from_split": "tfrec_recall.features", "feature_arrays": "tfrec_recall.features",
-    "load_config": "tfrec_recall.config", "evaluate": "tfrec_recall.train",
+    "RunConfig": "tfrec_recall.config", "load_config": "tfrec_recall.config",
+    "train": "tfrec_recall.training", "evaluate": "tfrec_recall.evaluation",
     "export_retrieval_model": "tfrec_recall.export",
 }
 __all__ = sorted(_PUBLIC)

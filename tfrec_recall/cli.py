@@ -18,13 +18,13 @@ TRAIN_FLAGS = {"--epochs": "epochs", "--learning-rate": "learning_rate", "--pati
 
 
 class IndexChoices:
-    """The registered index names (``tfrec_recall.index.index_names()``) as argparse ``choices``: looked up
+    """The registered index names (``tfrec_recall.retrievers.index_names()``) as argparse ``choices``: looked up
     only when an ``--index`` value is checked or help is printed, so building a parser imports no TensorFlow.
     Give the option a ``metavar`` (argparse lists choices in the usage otherwise)."""
 
     @staticmethod
     def names():
-        from tfrec_recall.index import index_names  # imports TensorFlow
+        from tfrec_recall.retrievers import index_names  # imports TensorFlow
         return index_names()
 
     def __contains__(self, value) -> bool:
@@ -148,7 +148,7 @@ def _train(args) -> int:
         print(f"skipped {data.skipped_rows} malformed rows (--on-bad-rows skip)")
     split = make_split(data, args.split, args.history_length, config.seed)
     print(split.describe())
-    from tfrec_recall import train as training  # imports TensorFlow: after the cheap checks
+    from tfrec_recall import training  # imports TensorFlow: after the cheap checks
     result = training.train(config, split, verbose=0 if args.quiet else 1)
     training.save_run(result, split, out, config, dataset_args)
     _print_metrics(result.metrics, f"test metrics ({args.split}, full corpus, training items excluded):")
@@ -164,7 +164,7 @@ def _dataset_args(run_dataset, data_dir: Optional[str]):
 
 
 def _evaluate(args) -> int:
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     run = training.load_run(args.model_dir)
     split = split_from_args(_dataset_args(run.dataset, args.data_dir))
     metrics = training.evaluate_towers(run.query_tower, run.candidate_tower, split, args.on, run.config.ks,
@@ -178,7 +178,7 @@ def _evaluate(args) -> int:
 def _recommend(args) -> int:
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     run = training.load_run(args.model_dir)
     split = split_from_args(_dataset_args(run.dataset, args.data_dir))
     for user, items in training.recommend(run, split, args.user_id, k=args.k).items():
@@ -192,7 +192,7 @@ def _recommend(args) -> int:
 def _export(args) -> int:
     import numpy as np
     import tensorflow as tf
-    from tfrec_recall import train as training
+    from tfrec_recall import training
     from tfrec_recall.export import export_retrieval_model, make_index
     from tfrec_recall.features import feature_arrays
     if args.k < 1:

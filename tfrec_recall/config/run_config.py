@@ -1,4 +1,4 @@
-"""Run configuration: one typed, validated dataclass, loadable from YAML, with named presets for ``--model``.
+"""Run configuration: one typed, validated dataclass, loadable from YAML over a named preset (``--model``).
 
 Every field has a default; a YAML file overrides fields of the chosen preset. Unknown keys and bad values fail
 with one line naming the key and the value.
@@ -12,7 +12,6 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
-TOWER_KINDS = ("mlp", "senet", "residual", "youtube_dnn")
 NEGATIVES = ("in_batch", "mixed", "global")
 OPTIMIZERS = ("adam", "adagrad")
 SELECTION_METRICS = ("HR", "NDCG", "Recall")
@@ -57,6 +56,8 @@ class RunConfig:
     epochs: int = 10
     seed: int = 0
     ks: Tuple[int, ...] = (10, 50, 100)
+    # The column of the interactions holding each training example's sample weight (None: unweighted)
+    weight_column: Optional[str] = None
     # Model selection on the validation split: early stopping with best-epoch restore
     selection_metric: str = "HR@50"
     patience: int = 3  # epochs without improvement before stopping; 0 trains all epochs and keeps the last
@@ -82,9 +83,10 @@ class RunConfig:
                                                              and v > 0 for v in value), f.name, value,
                      "must be a list of positive integers")
                 setattr(self, f.name, tuple(value))
-        need(self.query_tower in TOWER_KINDS, "query_tower", self.query_tower, f"must be one of {TOWER_KINDS}")
-        need(self.candidate_tower in TOWER_KINDS[:3], "candidate_tower", self.candidate_tower,
-             f"must be one of {TOWER_KINDS[:3]}")
+        from tfrec_recall.layers.towers import tower_names  # the tower registry (imports TensorFlow)
+        need(self.query_tower in tower_names(), "query_tower", self.query_tower, f"must be one of {tower_names()}")
+        need(self.candidate_tower in tower_names(candidate=True), "candidate_tower", self.candidate_tower,
+             f"must be one of {tower_names(candidate=True)}")
         need(self.query_tower != "youtube_dnn" or self.use_history, "query_tower", self.query_tower,
              "youtube_dnn needs use_history: true")
         need(self.use_user_id or self.use_history or self.use_side_features, "use_user_id", self.use_user_id,
@@ -103,6 +105,8 @@ class RunConfig:
         need(self.num_hard_negatives is None or (isinstance(self.num_hard_negatives, int)
                                                   and self.num_hard_negatives >= 1),
              "num_hard_negatives", self.num_hard_negatives, "must be null or a positive integer")
+        need(self.weight_column is None or (isinstance(self.weight_column, str) and self.weight_column),
+             "weight_column", self.weight_column, "must be null or a column name")
         need(len(self.ks) > 0, "ks", self.ks, "must list at least one cut-off")
         name, _, k = str(self.selection_metric).partition("@")
         need(name in SELECTION_METRICS and k.isdigit() and int(k) in self.ks, "selection_metric",
@@ -125,27 +129,7 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
     return RunConfig(**values)
 
 
-# Presets for `--model`. Each is a set of overrides of RunConfig's defaults.
-PRESETS: Dict[str, Dict[str, Any]] = {
-    # The TFRS-style two-tower on ids only.
-    "two_tower": {},
-    # Ids plus user and item side features, SENet-gated query tower.
-    "two_tower_features": {"use_side_features": True, "query_tower": "senet", "hidden_units": [128]},
-    # YouTubeDNN: user tower over the watch history plus user features.
-    "youtube_dnn": {"use_history": True, "use_user_id": False, "use_side_features": True,
-                    "query_tower": "youtube_dnn", "hidden_units": [256]},
-    # The configuration with the best validation HR@50 in benchmarks/results/quality_ml100k.md (selected on
-    # validation, never on test): YouTubeDNN with a recency-weighted history, mixed negatives (in-batch plus 2048
-    # uniform corpus samples) and the logQ correction log(B q + M u), temperature 0.1, Adam 1e-3.
-    "youtube_dnn_mixed": {"use_history": True, "use_user_id": False, "use_side_features": True,
-                          "query_tower": "youtube_dnn", "hidden_units": [256], "pooling": "recency",
-                          "negatives": "mixed", "num_negatives": 2048, "logq_correction": True,
-                          "temperature": 0.1, "learning_rate": 0.001},
-}
-
-
-# The preset `tfrec-recall train` and the TFX Trainer use when none is named: the best on validation.
-DEFAULT_PRESET = "youtube_dnn_mixed"
+from tfrec_recall.config.presets import DEFAULT_PRESET, PRESETS  # noqa: E402  (presets are RunConfig overrides)
 
 
 def load_config(model: str = DEFAULT_PRESET, path: Optional[str] = None,

@@ -1,6 +1,6 @@
 """Reference rankers evaluated by the same protocol as the models (../shared/PROTOCOL.md): every item of the
 corpus ranked, the user's training items excluded, expected metrics under random tie-breaking
-(``tfrec_recall.metrics.full_corpus_metrics``).
+(``tfrec_recall.evaluation.metrics.full_corpus_metrics``).
 
 * :func:`most_popular_metrics`: every user gets the same ranking, items by their number of training
   interactions. A retrieval model that does not beat it has learnt nothing beyond popularity; the TFX
@@ -14,7 +14,7 @@ import numpy as np
 
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
 from tfrec_recall.data.split import Split
-from tfrec_recall.metrics import full_corpus_metrics
+from tfrec_recall.evaluation.metrics import full_corpus_metrics
 
 WHICH = ("valid", "test")
 
@@ -22,7 +22,7 @@ WHICH = ("valid", "test")
 def evaluation_rows(split: Split, which: str = "valid") -> Tuple[List[str], List[List[int]], List[List[int]]]:
     """The users of ``split.<which>`` (in first-appearance order), each user's held-out items (positives) and
     training items (excluded) as row indices into ``split.data.items``: the queries
-    ``tfrec_recall.train.evaluate_towers`` builds."""
+    ``tfrec_recall.training.evaluate_towers`` builds."""
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     rows = getattr(split, which)

@@ -24,7 +24,6 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from tfrec_recall._validation import require_positive_int
 
 
 def _check_ks(ks: Sequence[int], num_candidates: int) -> List[int]:
@@ -109,22 +108,3 @@ def _add_user(sums, s: np.ndarray, pos: np.ndarray, ks: Sequence[int], gains) ->
         sums[f"Recall@{k}"] += float(hit.mean())
         ideal = gains["dcg"][min(len(pos), k)]
         sums[f"NDCG@{k}"] += float(np.sum(block_mean(gains["dcg"], np.minimum(k, last))) / ideal)
-
-
-class RetrievalEvaluation(tf.keras.callbacks.Callback):
-    """Runs an evaluation function at the end of every ``every`` epochs and adds its metrics to the logs
-    (prefixed ``val_``), so ``History`` and other callbacks see them."""
-
-    def __init__(self, evaluate_fn, every: int = 1, prefix: str = "val_", keys: Optional[Sequence[str]] = None):
-        super().__init__()
-        require_positive_int("every", every)
-        self.evaluate_fn, self.every, self.prefix, self.keys = evaluate_fn, every, prefix, keys
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every:
-            return
-        metrics = self.evaluate_fn()
-        if logs is not None:
-            for name, value in metrics.items():
-                if name != "users" and (self.keys is None or name in self.keys):
-                    logs[self.prefix + name] = float(value)

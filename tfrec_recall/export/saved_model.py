@@ -30,8 +30,8 @@ import tensorflow as tf
 
 import tfrec_recall
 from tfrec_recall._atomic import atomic_directory
-from tfrec_recall.features import HISTORY, MultiCategoricalFeature, NumericFeature, SequenceFeature
-from tfrec_recall.index import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
+from tfrec_recall.features.specs import HISTORY, SequenceFeature
+from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
 from tfrec_recall._validation import require_positive_int
 
 OUTPUT_IDS = "item_ids"
@@ -42,27 +42,11 @@ MANIFEST = "manifest.json"
 
 
 def input_signature(tower) -> Dict[str, tf.TensorSpec]:
-    specs = {}
-    for spec in tower.encoder.specs:
-        if isinstance(spec, NumericFeature):
-            specs[spec.name] = tf.TensorSpec([None], tf.float32, name=spec.name)
-        elif isinstance(spec, MultiCategoricalFeature):
-            specs[spec.name] = tf.TensorSpec([None, spec.max_len], tf.string, name=spec.name)
-        else:
-            specs[spec.name] = tf.TensorSpec([None], tf.string, name=spec.name)
-    return specs
+    return {spec.name: spec.tensor_spec() for spec in tower.encoder.specs}
 
 
 def example_parse_spec(tower) -> Dict[str, tf.io.FixedLenFeature]:
-    out = {}
-    for spec in tower.encoder.specs:
-        if isinstance(spec, NumericFeature):
-            out[spec.name] = tf.io.FixedLenFeature([], tf.float32, default_value=float("nan"))
-        elif isinstance(spec, MultiCategoricalFeature):
-            out[spec.name] = tf.io.FixedLenFeature([spec.max_len], tf.string, default_value=[""] * spec.max_len)
-        else:
-            out[spec.name] = tf.io.FixedLenFeature([], tf.string, default_value="")
-    return out
+    return {spec.name: spec.parse_spec() for spec in tower.encoder.specs}
 
 
 class RetrievalModule(tf.Module):
@@ -116,11 +100,11 @@ def _next_version(base: Path) -> int:
 def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
                ivf_lists: Optional[int] = None, ivf_probes: Optional[int] = None,
                scann_leaves: Optional[int] = None, scann_leaves_to_search: Optional[int] = None) -> TopKIndex:
-    """An unbuilt index of ``kind`` (a registered name: ``tfrec_recall.index.index_names()``) for
+    """An unbuilt index of ``kind`` (a registered name: ``tfrec_recall.retrievers.index_names()``) for
     ``num_candidates`` candidates, with the defaults measured in benchmarks/serving.py where a size is not
     given."""
     import math
-    from tfrec_recall.index import ScaNNConfig
+    from tfrec_recall.retrievers import ScaNNConfig
     cls = index_class(kind)
     require_positive_int("k", k)
     if cls is BruteForce:

@@ -1,8 +1,11 @@
-"""Declarative feature specs and the Keras layer that turns raw features into field embeddings.
+"""Declarative feature specs, and the one registry of feature kinds.
 
-A spec says what a raw input is and how to embed it; :class:`FeatureEncoder` builds the lookup / hashing /
-normalisation and embedding layers from the specs, inside the model, so an exported tower takes raw features
-(strings and floats). Inputs are dense:
+A spec says what a raw input is and how to embed it; :class:`~tfrec_recall.features.encoder.FeatureEncoder`
+builds the lookup / hashing / normalisation and embedding layers from the specs, inside the model, so an
+exported tower takes raw features (strings and floats). Each kind is a spec class registered once with
+:func:`register_feature_kind`; what differs between kinds (dtype, width, the data-table kind it reads) is an
+attribute of the class, so the serving signature, the tf.Example parse spec, dummy inputs and raw arrays are
+derived without a switch over kinds. Inputs are dense:
 
 * ``IdFeature`` (a categorical value, e.g. ``user_id``): ``[batch]`` string.
 * ``MultiCategoricalFeature`` (e.g. genres): ``[batch, max_len]`` string, padded with ``""``; mean-pooled.
@@ -10,23 +13,55 @@ normalisation and embedding layers from the specs, inside the model, so an expor
 * ``SequenceFeature`` (the item history): ``[batch, max_len]`` string, most recent first, padded with ``""``;
   pooled by ``mean`` or ``recency`` (weights ``decay ** position``).
 
-``specs_from_split`` derives the specs from a split's *training* data: vocabularies, normalisation statistics
-and padded widths; values outside the vocabulary map to OOV buckets.
+``specs_from_split`` (:mod:`tfrec_recall.features.vocabularies`) derives the specs from a split's *training*
+data: vocabularies, normalisation statistics and padded widths; values outside the vocabulary map to OOV buckets.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Tuple, TypeVar, Union
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from tfrec_recall.data.schema import ITEM_ID, USER_ID, WEIGHT, InteractionData
 from tfrec_recall._validation import require_int
 
 HISTORY = "history"
 POOLINGS = ("mean", "recency")
+_FEATURE_KINDS: Dict[str, type] = {}  # written only by register_feature_kind
+S = TypeVar("S", bound=type)
+
+
+def register_feature_kind(cls: S) -> S:
+    """Class decorator: registers a spec class under its ``kind`` (the ``"kind"`` key of a spec's dict form).
+
+    Raises ``ValueError`` when the kind is already taken."""
+    if cls.kind in _FEATURE_KINDS:
+        raise ValueError(f"feature kind {cls.kind!r} is already registered (by {_FEATURE_KINDS[cls.kind].__name__})")
+    _FEATURE_KINDS[cls.kind] = cls
+    return cls
+
+
+def feature_kinds() -> Tuple[str, ...]:
+    """The registered spec kinds, sorted."""
+    return tuple(sorted(_FEATURE_KINDS))
+
+
+def feature_kind(kind: str) -> type:
+    """The spec class registered under ``kind``; ``ValueError`` naming the choices otherwise."""
+    if kind not in _FEATURE_KINDS:
+        raise ValueError(f"feature spec kind must be one of {list(feature_kinds())}, got {kind!r}")
+    return _FEATURE_KINDS[kind]
+
+
+def spec_for_table_kind(table_kind: str) -> type:
+    """The spec class that embeds a side-feature column of ``table_kind`` (``InteractionData.feature_kinds``)."""
+    matches = [cls for cls in _FEATURE_KINDS.values() if cls.table_kind == table_kind]
+    if len(matches) != 1:
+        raise ValueError(f"no single feature kind reads side-feature columns of kind {table_kind!r} "
+                         f"(found {[c.__name__ for c in matches]})")
+    return matches[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +70,8 @@ class FeatureSpec:
     embedding_dim: int = 32
 
     kind = "base"
+    dtype = tf.string  # of the raw input
+    table_kind = None  # the InteractionData.feature_kinds value this kind embeds, if any
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -51,12 +88,48 @@ class FeatureSpec:
     @staticmethod
     def from_dict(config: Mapping) -> "FeatureSpec":
         config = dict(config)
-        kind = config.pop("kind", None)
-        if kind not in SPEC_KINDS:
-            raise ValueError(f"feature spec kind must be one of {sorted(SPEC_KINDS)}, got {kind!r}")
+        cls = feature_kind(config.pop("kind", None))
         if config.get("vocabulary") is not None:
             config["vocabulary"] = tuple(config["vocabulary"])
-        return SPEC_KINDS[kind](**config)
+        return cls(**config)
+
+    @property
+    def width(self) -> Optional[int]:
+        """Values per example: ``None`` for a scalar input, ``max_len`` for a padded list."""
+        return None
+
+    @property
+    def shape(self) -> list:
+        return [None] if self.width is None else [None, self.width]
+
+    @property
+    def missing(self):
+        """The raw value standing for "absent": ``""`` for strings, NaN (the training mean) for numbers."""
+        return "" if self.dtype == tf.string else float("nan")
+
+    def tensor_spec(self) -> tf.TensorSpec:
+        """The serving signature's input for this feature."""
+        return tf.TensorSpec(self.shape, self.dtype, name=self.name)
+
+    def parse_spec(self) -> tf.io.FixedLenFeature:
+        """How a tf.Example carries this feature (absent -> the missing value)."""
+        shape = [] if self.width is None else [self.width]
+        default = self.missing if self.width is None else [self.missing] * self.width
+        return tf.io.FixedLenFeature(shape, self.dtype, default_value=default)
+
+    def dummy_input(self) -> tf.Tensor:
+        """One example of an empty raw input."""
+        shape = [1] if self.width is None else [1, self.width]
+        return tf.fill(shape, tf.constant(self.missing, self.dtype))
+
+    def raw_array(self, column: pd.Series) -> np.ndarray:
+        """The raw input array for a column of values (missing -> the missing value)."""
+        return column.fillna("").astype(str).to_numpy(dtype=object)
+
+    @classmethod
+    def from_column(cls, name: str, values: pd.Series, embedding_dim: int) -> "FeatureSpec":
+        """The spec of a side-feature column, with vocabulary / statistics from its training ``values``."""
+        raise NotImplementedError(f"{cls.__name__} is not read from side-feature tables")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,27 +153,56 @@ class _Categorical(FeatureSpec):
         require_int(f"{self.name}.num_oov", self.num_oov, 1)
 
 
+@register_feature_kind
 @dataclasses.dataclass(frozen=True)
 class IdFeature(_Categorical):
     kind = "id"
+    table_kind = "categorical"
+
+    @classmethod
+    def from_column(cls, name, values, embedding_dim):
+        return cls(name, embedding_dim, vocabulary=vocabulary_of(values.dropna().astype(str)))
 
 
+@register_feature_kind
 @dataclasses.dataclass(frozen=True)
 class MultiCategoricalFeature(_Categorical):
     max_len: int = 8
     kind = "multi_categorical"
+    table_kind = "multi_categorical"
 
     def __post_init__(self):
         super().__post_init__()
         require_int(f"{self.name}.max_len", self.max_len, 1)
 
+    @property
+    def width(self) -> Optional[int]:
+        return self.max_len
 
+    @classmethod
+    def from_column(cls, name, values, embedding_dim, max_width: int = 16):
+        lists = values.dropna()
+        width = int(max([len(t) for t in lists] + [1]))
+        return cls(name, embedding_dim, vocabulary=vocabulary_of([x for t in lists for x in t]),
+                   max_len=min(width, max_width))
+
+    def raw_array(self, column: pd.Series) -> np.ndarray:
+        out = np.full((len(column), self.max_len), "", dtype=object)
+        for row, values in enumerate(column.to_numpy()):
+            if isinstance(values, (tuple, list, np.ndarray)):
+                values = [str(v) for v in values][:self.max_len]
+                out[row, :len(values)] = values
+        return out
+
+
+@register_feature_kind
 @dataclasses.dataclass(frozen=True)
 class SequenceFeature(MultiCategoricalFeature):
     max_len: int = 50
     pooling: str = "mean"
     decay: float = 0.9
     kind = "sequence"
+    table_kind = None  # built from the interaction log (the history), not read from a side table
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,12 +212,15 @@ class SequenceFeature(MultiCategoricalFeature):
             raise ValueError(f"{self.name}.decay must be in (0, 1], got {self.decay!r}")
 
 
+@register_feature_kind
 @dataclasses.dataclass(frozen=True)
 class NumericFeature(FeatureSpec):
     mean: float = 0.0
     variance: float = 1.0
     embedding_dim: int = 8
     kind = "numeric"
+    dtype = tf.float32
+    table_kind = "numeric"
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,8 +228,24 @@ class NumericFeature(FeatureSpec):
             raise ValueError(f"{self.name}: mean must be finite and variance positive, got mean={self.mean!r}, "
                              f"variance={self.variance!r}")
 
+    def raw_array(self, column: pd.Series) -> np.ndarray:
+        return pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float32)
 
-SPEC_KINDS = {cls.kind: cls for cls in (IdFeature, MultiCategoricalFeature, SequenceFeature, NumericFeature)}
+    @classmethod
+    def from_column(cls, name, values, embedding_dim=None):
+        """Standardised with the training mean and variance; the embedding width stays the numeric default."""
+        v = values.to_numpy(dtype=np.float64)
+        v = v[np.isfinite(v)]
+        return cls(name, mean=float(v.mean()) if len(v) else 0.0,
+                   variance=float(v.var()) if len(v) and v.var() > 0 else 1.0)
+
+
+def vocabulary_of(values) -> tuple:
+    """The sorted distinct non-empty string values."""
+    counts = pd.Series(list(values), dtype=object).value_counts(sort=False)
+    return tuple(sorted(str(v) for v in counts.index if str(v) != ""))
+
+
 SpecLike = Union[FeatureSpec, Mapping]
 
 
@@ -136,175 +257,3 @@ def as_spec(spec: SpecLike) -> FeatureSpec:
     raise TypeError(f"a feature spec must be a FeatureSpec or a dict, got {type(spec).__name__}")
 
 
-@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class FeatureEncoder(tf.keras.layers.Layer):
-    """Raw features -> one embedding per field (a list of ``[batch, embedding_dim_i]`` tensors)."""
-
-    def __init__(self, features: Sequence[SpecLike], **kwargs):
-        super().__init__(**kwargs)
-        self.specs: List[FeatureSpec] = [as_spec(s) for s in features]
-        if not self.specs:
-            raise ValueError("features must name at least one feature spec, got an empty list")
-        names = [s.name for s in self.specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"feature names must be unique, got {names}")
-        self._lookups, self._embeddings, self._projections = {}, {}, {}
-        for spec in self.specs:
-            key = spec.name
-            if isinstance(spec, NumericFeature):
-                self._projections[key] = tf.keras.layers.Dense(spec.embedding_dim, name=f"{key}_projection")
-                continue
-            multi = isinstance(spec, MultiCategoricalFeature)
-            if spec.vocabulary is not None:
-                self._lookups[key] = tf.keras.layers.StringLookup(
-                    vocabulary=list(spec.vocabulary), num_oov_indices=spec.num_oov,
-                    mask_token="" if multi else None, name=f"{key}_lookup")
-                size = len(spec.vocabulary) + spec.num_oov + (1 if multi else 0)
-            else:
-                self._lookups[key] = tf.keras.layers.Hashing(spec.hash_buckets, name=f"{key}_hashing")
-                size = spec.hash_buckets + (1 if multi else 0)
-            self._embeddings[key] = tf.keras.layers.Embedding(size, spec.embedding_dim, name=f"{key}_embedding")
-
-    @property
-    def feature_names(self) -> List[str]:
-        return [s.name for s in self.specs]
-
-    @property
-    def output_dims(self) -> List[int]:
-        return [s.embedding_dim for s in self.specs]
-
-    def dummy_inputs(self) -> Dict[str, tf.Tensor]:
-        """One example of empty / zero raw inputs with the right dtypes and widths."""
-        out = {}
-        for spec in self.specs:
-            if isinstance(spec, NumericFeature):
-                out[spec.name] = tf.zeros([1], tf.float32)
-            elif isinstance(spec, MultiCategoricalFeature):
-                out[spec.name] = tf.fill([1, spec.max_len], "")
-            else:
-                out[spec.name] = tf.constant([""])
-        return out
-
-    def _indices(self, spec, values):
-        if spec.vocabulary is not None or not isinstance(spec, MultiCategoricalFeature):
-            return self._lookups[spec.name](values)
-        # Hashed multi-valued: shift by one so index 0 stays the padding slot.
-        return tf.where(tf.equal(values, ""), tf.zeros_like(values, tf.int64), self._lookups[spec.name](values) + 1)
-
-    def call(self, inputs: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
-        fields = []
-        for spec in self.specs:
-            if spec.name not in inputs:
-                raise KeyError(f"input feature {spec.name!r} is missing; got {sorted(inputs)}")
-            value = inputs[spec.name]
-            if isinstance(spec, NumericFeature):
-                x = tf.reshape(tf.cast(value, tf.float32), [-1, 1])
-                x = (x - spec.mean) / float(np.sqrt(spec.variance))
-                x = tf.where(tf.math.is_nan(x), tf.zeros_like(x), x)
-                fields.append(self._projections[spec.name](x))
-                continue
-            value = tf.convert_to_tensor(value)
-            if not isinstance(spec, MultiCategoricalFeature):
-                fields.append(self._embeddings[spec.name](self._indices(spec, tf.reshape(value, [-1]))))
-                continue
-            value = tf.reshape(value, [-1, spec.max_len])
-            vectors = self._embeddings[spec.name](self._indices(spec, value))  # [B, L, d]
-            weights = tf.cast(tf.not_equal(value, ""), tf.float32)
-            if isinstance(spec, SequenceFeature) and spec.pooling == "recency":
-                weights *= tf.pow(spec.decay, tf.range(spec.max_len, dtype=tf.float32))[None, :]
-            total = tf.reduce_sum(weights, axis=1, keepdims=True)
-            pooled = tf.reduce_sum(vectors * weights[..., None], axis=1) / tf.maximum(total, 1e-9)
-            fields.append(pooled)
-        return fields
-
-    def get_config(self):
-        config = super().get_config()
-        config["features"] = [s.to_dict() for s in self.specs]
-        return config
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Specs from training data, and raw feature arrays for rows of a split.
-
-def _vocabulary(values) -> tuple:
-    counts = pd.Series(list(values), dtype=object).value_counts(sort=False)
-    return tuple(sorted(str(v) for v in counts.index if str(v) != ""))
-
-
-def specs_from_split(split, *, embedding_dim: int = 32, side_embedding_dim: int = 16,
-                     history_length: Optional[int] = None, pooling: str = "mean",
-                     use_side_features: bool = True, use_user_id: bool = True,
-                     use_history: bool = True) -> Dict[str, List[FeatureSpec]]:
-    """Feature specs for the query and candidate sides, with vocabularies and statistics from training rows."""
-    data: InteractionData = split.data
-    train = split.train
-    query: List[FeatureSpec] = []
-    candidate: List[FeatureSpec] = []
-    item_vocab = _vocabulary(train[ITEM_ID])
-    if use_user_id:
-        query.append(IdFeature(USER_ID, embedding_dim, vocabulary=_vocabulary(train[USER_ID])))
-    if use_history:
-        query.append(SequenceFeature(HISTORY, embedding_dim, vocabulary=item_vocab,
-                                     max_len=history_length or split.history_length, pooling=pooling))
-    candidate.append(IdFeature(ITEM_ID, embedding_dim, vocabulary=item_vocab))
-    if use_side_features:
-        for table, key, side in ((data.user_features, USER_ID, query), (data.item_features, ITEM_ID, candidate)):
-            if table is None:
-                continue
-            rows = table.reindex(pd.Index(train[key].unique()))
-            for column in table.columns:
-                kind = data.feature_kinds[column]
-                values = rows[column]
-                if kind == "numeric":
-                    v = values.to_numpy(dtype=np.float64)
-                    v = v[np.isfinite(v)]
-                    side.append(NumericFeature(column, mean=float(v.mean()) if len(v) else 0.0,
-                                               variance=float(v.var()) if len(v) and v.var() > 0 else 1.0))
-                elif kind == "categorical":
-                    side.append(IdFeature(column, side_embedding_dim,
-                                          vocabulary=_vocabulary(values.dropna().astype(str))))
-                else:
-                    flat = [x for tup in values.dropna() for x in tup]
-                    width = int(max([len(t) for t in values.dropna()] + [1]))
-                    side.append(MultiCategoricalFeature(column, side_embedding_dim, vocabulary=_vocabulary(flat),
-                                                        max_len=min(width, 16)))
-    return {"query": query, "candidate": candidate}
-
-
-def _pad(sequences, width: int) -> np.ndarray:
-    out = np.full((len(sequences), width), "", dtype=object)
-    for row, seq in enumerate(sequences):
-        if isinstance(seq, (tuple, list, np.ndarray)):
-            seq = [str(s) for s in seq][:width]
-            out[row, :len(seq)] = seq
-    return out
-
-
-def feature_arrays(rows: pd.DataFrame, data: InteractionData, specs: Sequence[FeatureSpec],
-                   with_weight: bool = False) -> Dict[str, np.ndarray]:
-    """Raw input arrays for ``specs`` over ``rows`` (which hold ``user_id`` and/or ``item_id``, and ``history``).
-
-    Side features are joined from the data's user / item tables; unknown entities get ``""`` (OOV) or NaN
-    (the training mean)."""
-    out: Dict[str, np.ndarray] = {}
-    for spec in specs:
-        name = spec.name
-        if name in rows.columns:
-            column = rows[name]
-        elif data.user_features is not None and name in data.user_features.columns and USER_ID in rows.columns:
-            column = data.user_features[name].reindex(rows[USER_ID].to_numpy())
-        elif data.item_features is not None and name in data.item_features.columns and ITEM_ID in rows.columns:
-            column = data.item_features[name].reindex(rows[ITEM_ID].to_numpy())
-        else:
-            raise KeyError(f"feature {name!r} is neither a column of the rows ({list(rows.columns)}) nor a user or "
-                           f"item feature of {data.name!r}")
-        if isinstance(spec, NumericFeature):
-            out[name] = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float32)
-        elif isinstance(spec, MultiCategoricalFeature):
-            out[name] = _pad(column.to_numpy(), spec.max_len)
-        else:
-            out[name] = column.fillna("").astype(str).to_numpy(dtype=object)
-    if with_weight:
-        out[WEIGHT] = (rows[WEIGHT].to_numpy(dtype=np.float32) if WEIGHT in rows.columns
-                       else np.ones(len(rows), dtype=np.float32))
-    return out

@@ -1,6 +1,6 @@
-from tfrec_recall.layers.frequency import StreamingFrequencyEstimator
-from tfrec_recall.layers.sampling import CorpusNegativeSampler
-from tfrec_recall.layers.towers import TOWERS, MLPTower, ResidualTower, SENetTower, Tower, YouTubeDNNTower
+"""Layers by role: ``towers/`` (query and item encoders), ``sampling/`` (negatives, frequency estimation)."""
+from tfrec_recall.layers.sampling import CorpusNegativeSampler, StreamingFrequencyEstimator
+from tfrec_recall.layers.towers import MLPTower, ResidualTower, SENetTower, Tower, YouTubeDNNTower
 
 __all__ = ["StreamingFrequencyEstimator", "CorpusNegativeSampler", "Tower", "MLPTower", "SENetTower",
-           "ResidualTower", "YouTubeDNNTower", "TOWERS"]
+           "ResidualTower", "YouTubeDNNTower"]

@@ -11,7 +11,8 @@ Variants are made by what is plugged in, not by flags:
   (the task's ``in_batch_negatives=False``) Q(y) = M * u(y), the positive included (Yi et al. 2019;
   Yang et al. 2020, mixed negative sampling);
 * global / popularity-damped / mixed negatives: a ``CorpusNegativeSampler``;
-* hard negatives, temperature, accidental-hit removal: the task.
+* hard negatives, temperature, accidental-hit removal: the task;
+* sample weights: only from the feature named by ``weight_feature`` (none by default), never implicitly.
 
 ``fit`` logs ``loss`` as the mean over the epoch's batches (of the global batch's summed loss), not the last
 batch's value.
@@ -23,11 +24,11 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfrec_recall.data.schema import ITEM_ID, WEIGHT
-from tfrec_recall.layers.frequency import StreamingFrequencyEstimator
+from tfrec_recall.data.schema import ITEM_ID
+from tfrec_recall.layers.sampling.frequency import StreamingFrequencyEstimator
 from tfrec_recall.layers.sampling import CorpusNegativeSampler
 from tfrec_recall.layers.towers import Tower, model_base_config
-from tfrec_recall.losses import RetrievalTask
+from tfrec_recall.tasks.retrieval import RetrievalTask
 
 MIN_EXPECTED_COUNT = 1e-6  # floor of Q(y) before the log: an item neither seen nor sampleable
 _serialize = tf.keras.utils.serialize_keras_object
@@ -39,7 +40,7 @@ class TwoTower(tfrs.Model):
     def __init__(self, query_tower: Tower, candidate_tower: Tower, task: Optional[RetrievalTask] = None,
                  frequency_estimator: Optional[StreamingFrequencyEstimator] = None,
                  negative_sampler: Optional[CorpusNegativeSampler] = None, item_id_feature: str = ITEM_ID,
-                 weight_feature: Optional[str] = WEIGHT, logq_correction: bool = False, **kwargs):
+                 weight_feature: Optional[str] = None, logq_correction: bool = False, **kwargs):
         super().__init__(**kwargs)
         for name, tower in (("query_tower", query_tower), ("candidate_tower", candidate_tower)):
             if not isinstance(tower, tf.keras.layers.Layer):
@@ -53,6 +54,8 @@ class TwoTower(tfrs.Model):
         self.frequency_estimator = frequency_estimator
         self.negative_sampler = negative_sampler
         self.item_id_feature = item_id_feature
+        if weight_feature is not None and not (isinstance(weight_feature, str) and weight_feature):
+            raise ValueError(f"weight_feature must be None or a feature name, got {weight_feature!r}")
         self.weight_feature = weight_feature
         self.logq_correction = bool(logq_correction)
         self._check_negatives()
@@ -115,7 +118,11 @@ class TwoTower(tfrs.Model):
         query = self.query_tower(features, training=training)
         candidate = self.candidate_tower(features, training=training)
         ids = features[self.item_id_feature]
-        weight = features.get(self.weight_feature) if self.weight_feature else None
+        weight = None
+        if self.weight_feature is not None:
+            if self.weight_feature not in features:
+                raise KeyError(f"weight_feature {self.weight_feature!r} is not in the batch; got {sorted(features)}")
+            weight = features[self.weight_feature]
         negatives, negative_ids = {}, None
         if self.negative_sampler is not None:
             neg_features, negative_ids, _ = self.negative_sampler.sample()

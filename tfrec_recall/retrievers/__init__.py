@@ -1,13 +1,13 @@
 """Top-k indexes: BruteForce and IVF (stock TF ops), ScaNN (scann's custom ops), registered by name in
-:mod:`tfrec_recall.index.registry` (``index_names()``: brute_force, ivf, scann); ``MultiQueryRetriever`` searches K query vectors per user in any
+:mod:`tfrec_recall.retrievers.registry` (``index_names()``: brute_force, ivf, scann); ``MultiQueryRetriever`` searches K query vectors per user in any
 of them and merges the results."""
-from tfrec_recall.index.base import (INDEX_FORMAT_VERSION, TopKIndex, check_format_version,
+from tfrec_recall.retrievers.base import (INDEX_FORMAT_VERSION, TopKIndex, check_format_version,
                                      check_saved_format_version)
-from tfrec_recall.index.brute_force import BruteForce
-from tfrec_recall.index.ivf import IVF, kmeans
-from tfrec_recall.index.multi_query import MultiQueryRetriever
-from tfrec_recall.index.registry import index_class, index_names, register_index
-from tfrec_recall.index.scann import ScaNN, ScaNNConfig
+from tfrec_recall.retrievers.brute_force import BruteForce
+from tfrec_recall.retrievers.ivf import IVF, kmeans
+from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
+from tfrec_recall.retrievers.registry import index_class, index_names, register_index
+from tfrec_recall.retrievers.scann import ScaNN, ScaNNConfig
 
 __all__ = ["TopKIndex", "BruteForce", "IVF", "ScaNN", "ScaNNConfig", "MultiQueryRetriever", "kmeans", "INDEX_FORMAT_VERSION",
            "check_format_version", "check_saved_format_version", "index_class", "index_names", "register_index"]

@@ -8,7 +8,7 @@ drops the excluded ones, so every returned id is valid. When fewer than ``k`` ca
 
 Every index is a registered Keras object (``package="tfrec_recall"``) whose ``get_config`` / ``from_config``
 round trip gives an unbuilt index with the same parameters, and is registered by its public name in
-:mod:`tfrec_recall.index.registry`. A built index records :data:`INDEX_FORMAT_VERSION` (in its config and in an
+:mod:`tfrec_recall.retrievers.registry`. A built index records :data:`INDEX_FORMAT_VERSION` (in its config and in an
 ``index_format_version`` variable saved with it); a config or saved index of another version is refused.
 """
 from __future__ import annotations

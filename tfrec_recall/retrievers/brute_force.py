@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tfrec_recall.index.base import TopKIndex
-from tfrec_recall.index.registry import register_index
+from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.registry import register_index
 
 DTYPES = {"float32": tf.float32, "float16": tf.float16, "bfloat16": tf.bfloat16}
 

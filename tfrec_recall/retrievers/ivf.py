@@ -20,8 +20,8 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from tfrec_recall._validation import require_int, require_positive_int
-from tfrec_recall.index.base import TopKIndex
-from tfrec_recall.index.registry import register_index
+from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.registry import register_index
 
 
 def _nearest(x: tf.Tensor, centroids: tf.Tensor, top: int = 1, chunk: int = 65536):

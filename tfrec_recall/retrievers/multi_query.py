@@ -1,5 +1,5 @@
 """Multi-query retrieval: K query vectors per user (multi-interest models: MIND, ComiRec, SDM) searched in any
-:class:`~tfrec_recall.index.base.TopKIndex` and merged into one ranked list, in stock TensorFlow ops.
+:class:`~tfrec_recall.retrievers.base.TopKIndex` and merged into one ranked list, in stock TensorFlow ops.
 
 Merging (Cen et al., "Controllable Multi-Interest Framework for Recommendation", KDD 2020, Sec. 3.4):
 
@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
-from tfrec_recall.index.base import TopKIndex
+from tfrec_recall.retrievers.base import TopKIndex
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")

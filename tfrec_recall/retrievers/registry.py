@@ -3,7 +3,7 @@
 It is filled only by the index class definitions, through the :func:`register_index` decorator; everything that
 offers a choice of index by name (``make_index``, the export and pipeline command lines, ``create_pipeline``)
 reads :func:`index_names` or :func:`index_class`. This module imports no TensorFlow itself, but
-:func:`index_names` and :func:`index_class` import :mod:`tfrec_recall.index` (and so TensorFlow) so that every
+:func:`index_names` and :func:`index_class` import :mod:`tfrec_recall.retrievers` (and so TensorFlow) so that every
 built-in index class has registered.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def register_index(name: str) -> Callable[[T], T]:
 
 def _load_builtin_indexes() -> None:
     """Imports the index package, whose modules register the built-in index classes."""
-    import tfrec_recall.index  # noqa: F401
+    import tfrec_recall.retrievers  # noqa: F401
 
 
 def index_names() -> Tuple[str, ...]:

@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall._validation import require_positive_int
-from tfrec_recall.index.base import TopKIndex
-from tfrec_recall.index.registry import register_index
+from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.registry import register_index
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@
 
 * logQ correction: logits s(x, y) - log Q(y) for every candidate column, where Q(y) is the expected number of
   copies of y among the step's candidates (the model computes it: B * q(y) from a
-  :class:`~tfrec_recall.layers.frequency.StreamingFrequencyEstimator` plus M * u(y) from a corpus sampler);
+  :class:`~tfrec_recall.layers.sampling.frequency.StreamingFrequencyEstimator` plus M * u(y) from a corpus sampler);
   in-batch and sampled columns are corrected together or not at all;
 * extra negatives (global uniform / popularity-damped samples) appended after the in-batch candidates: mixed
   negative sampling;

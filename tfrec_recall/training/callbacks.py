@@ -1,9 +1,12 @@
-"""Training guards as Keras callbacks."""
+"""Training callbacks: periodic validation metrics in the logs, and the guard against non-finite losses."""
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import tensorflow as tf
+
+from tfrec_recall._validation import require_positive_int
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,3 +34,22 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
                 f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}: the learning "
                 f"rate may be too high or the temperature too low{causes}; lower the learning rate or raise the "
                 "temperature")
+
+
+class RetrievalEvaluation(tf.keras.callbacks.Callback):
+    """Runs an evaluation function at the end of every ``every`` epochs and adds its metrics to the logs
+    (prefixed ``val_``), so ``History`` and other callbacks see them."""
+
+    def __init__(self, evaluate_fn, every: int = 1, prefix: str = "val_", keys: Optional[Sequence[str]] = None):
+        super().__init__()
+        require_positive_int("every", every)
+        self.evaluate_fn, self.every, self.prefix, self.keys = evaluate_fn, every, prefix, keys
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        metrics = self.evaluate_fn()
+        if logs is not None:
+            for name, value in metrics.items():
+                if name != "users" and (self.keys is None or name in self.keys):
+                    logs[self.prefix + name] = float(value)

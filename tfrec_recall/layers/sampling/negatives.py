@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall.data.tfdata import to_tensors
-from tfrec_recall.layers.frequency import NonTrainableLayer
+from tfrec_recall.layers.sampling.frequency import NonTrainableLayer
 from tfrec_recall._validation import require_positive_int
 
 

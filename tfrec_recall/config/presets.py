@@ -1,0 +1,23 @@
+"""The one registry of named presets (``--model``): each is a set of overrides of RunConfig's defaults."""
+from typing import Any, Dict
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The TFRS-style two-tower on ids only.
+    "two_tower": {},
+    # Ids plus user and item side features, SENet-gated query tower.
+    "two_tower_features": {"use_side_features": True, "query_tower": "senet", "hidden_units": [128]},
+    # YouTubeDNN: user tower over the watch history plus user features.
+    "youtube_dnn": {"use_history": True, "use_user_id": False, "use_side_features": True,
+                    "query_tower": "youtube_dnn", "hidden_units": [256]},
+    # The configuration with the best validation HR@50 in benchmarks/results/quality_ml100k.md (selected on
+    # validation, never on test): YouTubeDNN with a recency-weighted history, mixed negatives (in-batch plus 2048
+    # uniform corpus samples) and the logQ correction log(B q + M u), temperature 0.1, Adam 1e-3.
+    "youtube_dnn_mixed": {"use_history": True, "use_user_id": False, "use_side_features": True,
+                          "query_tower": "youtube_dnn", "hidden_units": [256], "pooling": "recency",
+                          "negatives": "mixed", "num_negatives": 2048, "logq_correction": True,
+                          "temperature": 0.1, "learning_rate": 0.001},
+}
+
+
+# The preset `tfrec-recall train` and the TFX Trainer use when none is named: the best on validation.
+DEFAULT_PRESET = "youtube_dnn_mixed"

@@ -1,0 +1,69 @@
+"""Models from a RunConfig: feature specs from the split, towers, negatives, the task and the optimizer."""
+from __future__ import annotations
+
+import random
+from typing import Dict, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfrec_recall.config import RunConfig
+from tfrec_recall.data.schema import ITEM_ID
+from tfrec_recall.data.split import Split
+from tfrec_recall.evaluation.evaluate import corpus_arrays
+from tfrec_recall.features import FeatureSpec, feature_arrays, specs_from_split
+from tfrec_recall.layers.sampling import CorpusNegativeSampler, StreamingFrequencyEstimator
+from tfrec_recall.layers.towers import tower_class
+from tfrec_recall.models.two_tower import TwoTower
+from tfrec_recall.tasks.retrieval import RetrievalTask
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+    tf.keras.utils.set_random_seed(seed)
+
+
+def _tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str):
+    return tower_class(kind).from_hidden_units(specs, config.hidden_units, output_dim=config.output_dim,
+                                               l2_normalize=config.l2_normalize, dropout=config.dropout, name=name)
+
+
+def build_model(config: RunConfig, split: Split) -> TwoTower:
+    specs = specs_from_split(split, embedding_dim=config.embedding_dim,
+                             side_embedding_dim=config.side_embedding_dim,
+                             history_length=config.history_length, pooling=config.pooling,
+                             use_side_features=config.use_side_features, use_user_id=config.use_user_id,
+                             use_history=config.use_history)
+    query_tower = _tower(config.query_tower, specs["query"], config, "query_tower")
+    candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower")
+    estimator = None
+    if config.logq_correction and config.negatives != "global":  # global negatives: the sampler's own u(y)
+        estimator = StreamingFrequencyEstimator(num_buckets=config.estimator_buckets,
+                                                num_hashes=config.estimator_hashes, alpha=config.estimator_alpha,
+                                                name="frequency_estimator")
+    sampler = None
+    if config.negatives in ("mixed", "global"):
+        counts = split.train[ITEM_ID].value_counts().reindex(split.data.items, fill_value=0).to_numpy()
+        sampler = CorpusNegativeSampler(corpus_arrays(split, specs["candidate"]), id_feature=ITEM_ID,
+                                        counts=counts, beta=config.negative_beta,
+                                        num_negatives=config.num_negatives, seed=config.seed,
+                                        name="negative_sampler")
+    task = RetrievalTask(temperature=config.temperature, remove_accidental_hits=config.remove_accidental_hits,
+                         num_hard_negatives=config.num_hard_negatives,
+                         in_batch_negatives=config.negatives != "global", name="retrieval")
+    return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler,
+                    logq_correction=config.logq_correction, weight_feature=config.weight_column)
+
+
+def make_optimizer(config: RunConfig):
+    if config.optimizer == "adagrad":
+        return tf.keras.optimizers.Adagrad(config.learning_rate)
+    return tf.keras.optimizers.Adam(config.learning_rate)
+
+
+def training_arrays(model: TwoTower, split: Split) -> Dict[str, np.ndarray]:
+    """Raw features of the training rows for both towers, plus the model's sample-weight column if it names one."""
+    specs = model.query_tower.encoder.specs + model.candidate_tower.encoder.specs
+    return feature_arrays(split.train, split.data, specs, weight_column=model.weight_feature)

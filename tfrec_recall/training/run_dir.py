@@ -1,0 +1,125 @@
+"""The run directory: what ``train`` leaves behind and ``recommend`` / ``export`` / the pipeline read.
+
+A saved model directory holds:
+
+* ``config.yaml``: the run configuration and the dataset arguments;
+* ``checkpoint/``: a ``tf.train.Checkpoint`` of the whole model (towers, estimator state, optimizer);
+* ``query_tower/`` and ``candidate_tower/``: Keras SavedModels taking raw features;
+* ``candidates.npz``: the corpus ids and their embeddings (for ``recommend``);
+* ``metrics.json``, ``history.json`` and ``training.png`` (loss and HR@K per epoch);
+* ``request.json``: raw query features of two validation users (a sample request for smoke tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import yaml
+
+from tfrec_recall._atomic import atomic_directory
+from tfrec_recall.config import RunConfig
+from tfrec_recall.data.schema import USER_ID
+from tfrec_recall.data.split import Split
+from tfrec_recall.evaluation.evaluate import corpus_arrays, embed
+from tfrec_recall.features import FeatureSpec, feature_arrays
+from tfrec_recall.training.fit import TrainResult, plot_history
+
+
+REQUEST_FILE = "request.json"
+
+
+def sample_request(split: Split, specs: Sequence[FeatureSpec], rows: int = 2) -> Dict[str, list]:
+    """Raw query features of the first ``rows`` validation users (training users when there is no validation
+    split), as JSON-ready lists: a ready-made request for smoke tests of an export."""
+    frame = split.valid if len(split.valid) else split.train
+    arrays = feature_arrays(frame.head(rows), split.data, specs)
+    return {name: np.asarray(a).tolist() for name, a in arrays.items()}
+
+
+def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, dataset_args: Mapping[str, Any]) -> Path:
+    """Writes the model directory atomically: everything goes to a temporary sibling, renamed at the end."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
+    if out.exists():
+        out.rmdir()  # empty (checked above): the rename needs the name free
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
+        model = result.model
+        (tmp / "config.yaml").write_text(yaml.safe_dump({"config": config.to_dict(), "dataset": dict(dataset_args)},
+                                                        sort_keys=False))
+        tf.train.Checkpoint(model=model).write(str(tmp / "checkpoint" / "ckpt"))
+        model.query_tower.save(str(tmp / "query_tower"), save_format="tf", include_optimizer=False)
+        model.candidate_tower.save(str(tmp / "candidate_tower"), save_format="tf", include_optimizer=False)
+        items = split.data.items
+        embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.encoder.specs))
+        np.savez(tmp / "candidates.npz", ids=items.astype(str), embeddings=embeddings)
+        (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics, "valid": result.valid_metrics,
+                                                      "best_epoch": result.best_epoch,
+                                                      "train_seconds": result.train_seconds}, indent=2))
+        (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
+        (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.encoder.specs)))
+        plot_history(result.history, tmp / "training.png")
+    return out
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    config: RunConfig
+    dataset: Dict[str, Any]
+    query_tower: tf.keras.Model
+    candidate_tower: tf.keras.Model
+    candidate_ids: np.ndarray
+    candidate_embeddings: np.ndarray
+
+
+def load_run_config(model_dir) -> RunConfig:
+    """The RunConfig saved with a run, without loading its models."""
+    from tfrec_recall.config import from_dict
+    path = Path(model_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--model-dir {str(model_dir)!r} has no config.yaml: not a directory written by "
+                                "`tfrec-recall train`")
+    return from_dict(yaml.safe_load(path.read_text())["config"])
+
+
+def load_run(model_dir) -> LoadedRun:
+    from tfrec_recall.config import from_dict
+    d = Path(model_dir)
+    for name in ("config.yaml", "query_tower", "candidate_tower", "candidates.npz"):
+        if not (d / name).exists():
+            raise FileNotFoundError(f"--model-dir {str(d)!r} has no {name}: not a directory written by "
+                                    "`tfrec-recall train`")
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    candidates = np.load(d / "candidates.npz", allow_pickle=False)
+    return LoadedRun(from_dict(saved["config"]), saved["dataset"],
+                     tf.keras.models.load_model(str(d / "query_tower"), compile=False),
+                     tf.keras.models.load_model(str(d / "candidate_tower"), compile=False),
+                     candidates["ids"], candidates["embeddings"])
+
+
+def recommend(run: LoadedRun, split: Split, user_ids: Sequence[str], k: int = 10,
+              exclude_seen: bool = True) -> Dict[str, List[tuple]]:
+    """Top-k (item id, score) per user, from the user's training history and features."""
+    known = set(split.train_items)
+    for user in user_ids:
+        if user not in known:
+            raise KeyError(f"user_id {user!r} has no training interactions in {split.data.name!r}")
+    rows = pd.DataFrame({USER_ID: list(user_ids),
+                         "history": [tuple(split.train_items[u][::-1][:split.history_length]) for u in user_ids]})
+    queries = embed(run.query_tower, feature_arrays(rows, split.data, run.query_tower.encoder.specs))
+    scores = queries @ run.candidate_embeddings.T
+    index = {item: i for i, item in enumerate(run.candidate_ids)}
+    out = {}
+    for row, user in enumerate(user_ids):
+        s = scores[row].copy()
+        if exclude_seen:
+            s[[index[i] for i in split.train_items[user] if i in index]] = -np.inf
+        top = np.argsort(-s, kind="stable")[:k]
+        out[user] = [(str(run.candidate_ids[i]), float(s[i])) for i in top]
+    return out
