@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.tasks.retrieval import RetrievalTask
 
 GLOBAL_BATCH = 8
@@ -184,7 +185,7 @@ def test_gradient_check_sees_a_gather_that_drops_cross_replica_gradients(mirrore
     """Power for the GRADIENT part: a gather whose backward pass keeps only the replica's own rows (the other
     replicas' candidates enter as constants) leaves the forward loss exactly equal but loses the terms
     d L_r' / d c_r for r' != r, so the summed gradients no longer match."""
-    from tfrec_recall import losses
+    from tfrec_recall.tasks import retrieval as losses
 
     def gather_without_cross_gradients(ctx, value):
         if value is None or not value.dtype.is_floating:  # ids, log q of constants: as the library does
@@ -233,7 +234,7 @@ def test_two_tower_gradients_match_on_a_distributed_dataset(small_split, mirrore
     assert [v.shape for v in single.trainable_variables] == [v.shape for v in mirrored.trainable_variables]
 
     arrays = training.training_arrays(single, small_split)
-    dataset = training.make_dataset(arrays, batch, drop_remainder=True).take(1)
+    dataset = make_dataset(arrays, batch, drop_remainder=True).take(1)
     features = next(iter(dataset))
     ids = features["item_id"].numpy()
     # The batch has a popular item in both halves: an accidental hit that crosses the replicas.

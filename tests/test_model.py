@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfrec_recall.config import ConfigError, load_config
+from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.tasks.retrieval import RetrievalTask
 from tfrec_recall.evaluation.metrics import full_corpus_metrics
 from tfrec_recall.training.callbacks import RetrievalEvaluation
@@ -135,7 +136,7 @@ def test_two_tower_trains_round_trips_and_checkpoints(tmp_path, small_split):
     model = result.model
     assert float(model.frequency_estimator.step.numpy()) > 0
     # Serialise / deserialise the whole model, copy weights, same query embeddings.
-    batch = next(iter(training.make_dataset(training.training_arrays(model, small_split), 32)))
+    batch = next(iter(make_dataset(training.training_arrays(model, small_split), 32)))
     clone = tf.keras.utils.deserialize_keras_object(tf.keras.utils.serialize_keras_object(model))
     assert isinstance(clone, TwoTower) and clone.negative_sampler.num_negatives == 64
     clone.compute_loss(batch)
@@ -228,7 +229,7 @@ def test_fit_under_mirrored_strategy_with_estimator_and_mixed_negatives(small_sp
         model = training.build_model(config, small_split)
         model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
     arrays = training.training_arrays(model, small_split)
-    dataset = training.make_dataset(arrays, 64, drop_remainder=True)
+    dataset = make_dataset(arrays, 64, drop_remainder=True)
     steps = len(small_split.train) // 64
     history = model.fit(dataset, epochs=1, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
@@ -361,7 +362,7 @@ def test_history_loss_is_the_epoch_mean(small_split):
     config = load_config("two_tower", overrides={"embedding_dim": 8, "output_dim": 8, "batch_size": 256})
     model = training.build_model(config, small_split)
     model.compile(optimizer=tf.keras.optimizers.SGD(0.0))  # frozen weights: every batch's loss is reproducible
-    dataset = training.make_dataset(training.training_arrays(model, small_split), 256)
+    dataset = make_dataset(training.training_arrays(model, small_split), 256)
     batch_losses = [float(model.compute_loss(batch)) for batch in dataset]
     history = model.fit(dataset, epochs=1, verbose=0).history
     assert len(batch_losses) >= 3 and batch_losses[-1] != pytest.approx(np.mean(batch_losses), rel=0.01)
@@ -393,7 +394,7 @@ def test_early_stopping_restores_the_best_validation_epoch(small_split, monkeypa
         value = next(script, 0.0)
         return {"HR@10": value / 2, "HR@50": value, "HR@100": value, "NDCG@10": value / 4, "users": 1}
 
-    monkeypatch.setattr(training, "evaluate", scripted)
+    monkeypatch.setattr(training.fit, "evaluate", scripted)  # what train() calls
     config = load_config("two_tower", overrides={"embedding_dim": 8, "output_dim": 8, "epochs": 6, "patience": 2,
                                                  "learning_rate": 0.05})
     result = training.train(config, small_split, verbose=0, callbacks=[Record()])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -149,10 +150,18 @@ def _train(args) -> int:
     split = make_split(data, args.split, args.history_length, config.seed)
     print(split.describe())
     from tfrec_recall import training  # imports TensorFlow: after the cheap checks
-    result = training.train(config, split, verbose=0 if args.quiet else 1)
-    training.save_run(result, split, out, config, dataset_args)
+    import tensorflow as tf
+    # TensorBoard logs go to a temporary sibling of --out; save_run moves them into the run as <out>/logs.
+    log_dir = str(out.with_name(f".{out.name}.logs-{os.getpid()}"))
+    try:
+        result = training.train(config, split, verbose=0 if args.quiet else 1, log_dir=log_dir)
+        training.save_run(result, split, out, config, dataset_args, log_dir=log_dir)
+    finally:
+        if tf.io.gfile.exists(log_dir):  # training or saving failed before the logs were moved in
+            tf.io.gfile.rmtree(log_dir)
     _print_metrics(result.metrics, f"test metrics ({args.split}, full corpus, training items excluded):")
-    print(f"trained in {result.train_seconds:.1f} s; model, metrics.json, history.json and training.png in {out}")
+    print(f"trained in {result.train_seconds:.1f} s; model, metrics.json, history.json, training.png and "
+          f"TensorBoard logs/ in {out}")
     return 0
 
 

@@ -1,16 +1,31 @@
-"""Offline evaluation of retrieval models on a split (PROTOCOL.md): full-corpus metrics of every held-out user."""
+"""Offline evaluation of retrieval models (PROTOCOL.md): every query goes through a retriever (by default an
+exact :class:`~tfrec_recall.retrievers.BruteForce` index over the whole corpus) and is measured on the ranked
+ids it returns (:func:`~tfrec_recall.evaluation.retrieval.evaluate_retriever`), so an IVF, ScaNN or
+multi-query retriever passed as ``retriever=`` is measured by the same code.
+
+``data`` is a :class:`~tfrec_recall.data.split.Split` (its ``valid`` or ``test`` rows, one query per user,
+training items excluded), or a ``tf.data.Dataset`` / dict of arrays of query features with a positive item-id
+column ``label_column`` (1-D, or 2-D padded with ``""`` for several positives) and optionally an
+``exclude_column`` (2-D, ``""``-padded item ids per row); then ``candidates`` is required: item feature arrays
+(with an ``item_id`` column) or an ``(ids, embeddings)`` pair.
+"""
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.tfdata import make_dataset
-from tfrec_recall.evaluation.metrics import full_corpus_metrics
+from tfrec_recall.evaluation.ranked import check_ks
+from tfrec_recall.evaluation.retrieval import evaluate_retriever
 from tfrec_recall.features import feature_arrays
+from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.brute_force import BruteForce
+from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
 
 
 def corpus_arrays(split: Split, specs) -> Dict[str, np.ndarray]:
@@ -18,30 +33,134 @@ def corpus_arrays(split: Split, specs) -> Dict[str, np.ndarray]:
     return feature_arrays(pd.DataFrame({ITEM_ID: split.data.items}), split.data, specs)
 
 
-def evaluate(model, split: Split, which: str = "test", ks: Sequence[int] = (10, 50, 100),
-             progress: bool = False) -> Dict[str, float]:
-    """PROTOCOL.md metrics of ``model`` on the split's ``valid`` or ``test`` rows over the full corpus."""
-    if which not in ("valid", "test"):
-        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
-    return evaluate_towers(model.query_tower, model.candidate_tower, split, which, ks, progress)
+def evaluate(model, data, which: str = "test", ks: Sequence[int] = (10, 50, 100), progress: bool = False, *,
+             retriever=None, label_column: str = ITEM_ID, exclude_column: Optional[str] = None,
+             candidates=None) -> Dict[str, float]:
+    """PROTOCOL.md metrics of ``model`` (with ``query_tower`` / ``candidate_tower``) on ``data``: a Split's
+    ``which`` rows ("valid" or "test"), or a ``tf.data.Dataset`` / dict of arrays (see the module docstring)."""
+    if isinstance(data, Split):
+        return evaluate_towers(model.query_tower, model.candidate_tower, data, which, ks, progress,
+                               retriever=retriever)
+    features, positives, exclude = query_rows(data, label_column, exclude_column)
+    ids, embeddings = _candidate_embeddings(model.candidate_tower, candidates)
+    queries = embed(model.query_tower, _tower_inputs(model.query_tower, features, "data"))
+    index = _indexed(retriever, ids, embeddings, max(check_ks(ks)))
+    return evaluate_retriever(index, queries, positives, exclude, ks, progress=progress)
 
 
 def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "test",
-                    ks: Sequence[int] = (10, 50, 100), progress: bool = False) -> Dict[str, float]:
+                    ks: Sequence[int] = (10, 50, 100), progress: bool = False, *, retriever=None) -> Dict[str, float]:
+    """Metrics of the split's ``which`` users: one query per user, its held-out items as positives (several
+    with a random split), its training items excluded."""
+    if which not in ("valid", "test"):
+        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
     rows = getattr(split, which)
-    # One query per user; a user with several held-out items (random split) has them all as positives.
-    grouped = rows.groupby(USER_ID, sort=False)
-    positives_by_user = grouped[ITEM_ID].agg(list)
+    positives_by_user = rows.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
     users = rows.drop_duplicates(USER_ID).reset_index(drop=True)
-    items = split.data.items
-    index = {item: i for i, item in enumerate(items)}
-    candidates = embed(candidate_tower, corpus_arrays(split, candidate_tower.encoder.specs))
+    embeddings = embed(candidate_tower, corpus_arrays(split, candidate_tower.encoder.specs))
     queries = embed(query_tower, feature_arrays(users, split.data, query_tower.encoder.specs))
-    positives = [[index[i] for i in positives_by_user[u]] for u in users[USER_ID]]
-    exclude = [[index[i] for i in split.train_items.get(u, [])] for u in users[USER_ID]]
-    return full_corpus_metrics(queries, candidates, positives, exclude, ks=ks, progress=progress)
+    positives = [positives_by_user[u] for u in users[USER_ID]]
+    exclude = [split.train_items.get(u, []) for u in users[USER_ID]]
+    index = _indexed(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)))
+    return evaluate_retriever(index, queries, positives, exclude, ks, progress=progress)
 
 
 def embed(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
     outputs = [tower(batch, training=False).numpy() for batch in make_dataset(arrays, batch_size)]
     return np.concatenate(outputs, axis=0)
+
+
+def _indexed(retriever, ids: np.ndarray, embeddings: np.ndarray, depth: int):
+    """``retriever`` built over the candidates (an unbuilt one is built here; a built one is used as is), or a
+    new exact BruteForce index with one id of look-ahead beyond ``depth``."""
+    bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
+    if bad:
+        raise ValueError(f"{bad} of {len(embeddings)} candidate embeddings are NaN or infinite: the model is broken "
+                         "(a non-finite loss or embedding), not rankable")
+    if retriever is None:
+        return BruteForce(max_k=depth + 1).index(ids, embeddings)
+    if not isinstance(retriever, (TopKIndex, MultiQueryRetriever)):
+        raise TypeError(f"retriever must be a TopKIndex (BruteForce, IVF, ScaNN) or a MultiQueryRetriever, got "
+                        f"{type(retriever).__name__}")
+    index = retriever.index if isinstance(retriever, MultiQueryRetriever) else retriever
+    if index.ids is None:
+        index.index(ids, embeddings)
+    return retriever
+
+
+def query_rows(data, label_column: str = ITEM_ID, exclude_column: Optional[str] = None
+               ) -> Tuple[Dict[str, np.ndarray], List[List[str]], Optional[List[List[str]]]]:
+    """(query feature arrays, positives per row, exclusions per row or None) of a dataset or dict of arrays."""
+    if not isinstance(label_column, str) or not label_column:
+        raise ValueError(f"label_column must be a non-empty column name, got {label_column!r}")
+    if exclude_column is not None and (not isinstance(exclude_column, str) or exclude_column == label_column):
+        raise ValueError(f"exclude_column must be None or a column name other than label_column, got "
+                         f"{exclude_column!r}")
+    arrays = _as_arrays(data)
+    for argument, column in (("label_column", label_column), ("exclude_column", exclude_column)):
+        if column is not None and column not in arrays:
+            raise KeyError(f"{argument} {column!r} is not a column of data (columns: {sorted(arrays)})")
+    positives = _id_lists(arrays.pop(label_column))
+    exclude = None if exclude_column is None else _id_lists(arrays.pop(exclude_column))
+    if not arrays:
+        raise ValueError(f"data has no query feature columns besides {label_column!r}")
+    return arrays, positives, exclude
+
+
+def _as_arrays(data) -> Dict[str, np.ndarray]:
+    """Columns of a dict of arrays or of a (batched or unbatched) dataset of feature dictionaries."""
+    if isinstance(data, tf.data.Dataset):
+        parts: Dict[str, list] = {}
+        for element in data.as_numpy_iterator():
+            if not isinstance(element, Mapping):
+                raise TypeError(f"data must yield dictionaries of features, got {type(element).__name__}")
+            for name, value in element.items():
+                value = np.asarray(value)
+                parts.setdefault(name, []).append(value[None] if value.ndim == 0 else value)
+        if not parts:
+            raise ValueError("data (a tf.data.Dataset) is empty")
+        return {name: _decoded(np.concatenate(values)) for name, values in parts.items()}
+    if isinstance(data, Mapping):
+        return {str(name): _decoded(np.asarray(value)) for name, value in data.items()}
+    raise TypeError(f"data must be a Split, a tf.data.Dataset or a dict of arrays, got {type(data).__name__}")
+
+
+def _decoded(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind == "S" or (values.dtype == object and values.size and isinstance(values.flat[0], bytes)):
+        return np.char.decode(values.astype(bytes), "utf-8").astype(object)
+    return values
+
+
+def _id_lists(column: np.ndarray) -> List[List[str]]:
+    """One list of non-empty ids per row of a 1-D column, a 2-D padded column or a column of sequences."""
+    rows = [np.asarray(row, dtype=object).reshape(-1) for row in column]
+    return [[str(v) for v in row if str(v) != ""] for row in rows]
+
+
+def _tower_inputs(tower, arrays: Mapping[str, np.ndarray], argument: str) -> Dict[str, np.ndarray]:
+    """The columns ``tower`` reads (its encoder's specs), or ``KeyError`` naming the missing ones."""
+    specs = getattr(getattr(tower, "encoder", None), "specs", None)
+    if specs is None:
+        return dict(arrays)
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        raise KeyError(f"{argument} lacks the columns {missing} that the tower reads (columns: {sorted(arrays)})")
+    return {spec.name: arrays[spec.name] for spec in specs}
+
+
+def _candidate_embeddings(candidate_tower, candidates) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids, embeddings) from ``candidates``: an (ids, embeddings) pair or item feature arrays with item_id."""
+    if candidates is None:
+        raise ValueError("candidates is required when data is not a Split: item feature arrays (with an "
+                         f"{ITEM_ID!r} column) or an (ids, embeddings) pair")
+    if isinstance(candidates, tuple) and len(candidates) == 2:
+        ids, embeddings = candidates
+        return _decoded(np.asarray(ids)).astype(str), np.asarray(embeddings, dtype=np.float32)
+    if isinstance(candidates, Mapping):
+        arrays = _as_arrays(candidates)
+        if ITEM_ID not in arrays:
+            raise KeyError(f"candidates has no {ITEM_ID!r} column (columns: {sorted(arrays)})")
+        embeddings = embed(candidate_tower, _tower_inputs(candidate_tower, arrays, "candidates"))
+        return arrays[ITEM_ID].astype(str), embeddings
+    raise TypeError(f"candidates must be an (ids, embeddings) pair or a dict of item feature arrays, got "
+                    f"{type(candidates).__name__}")

@@ -13,10 +13,11 @@ from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import RunConfig
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.tfdata import make_dataset
-from tfrec_recall.evaluation.evaluate import evaluate
+from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, evaluate
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.build import build_model, make_optimizer, set_seed, training_arrays
 from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
+from tfrec_recall.training.tensorboard import item_titles, require_log_dir, tensorboard_callbacks
 
 
 @dataclasses.dataclass
@@ -42,8 +43,21 @@ def _selection_callbacks(model, config: RunConfig, split: Split, evaluate_every:
     return out
 
 
+def _logging_callbacks(model, split: Split, log_dir: Optional[str]) -> list:
+    """TensorBoard scalars and, at the end of training, the corpus item embeddings for the projector."""
+    if log_dir is None:
+        return []
+    items = split.data.items.astype(str)
+
+    def embed_items():
+        return items, embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.encoder.specs))
+
+    return tensorboard_callbacks(log_dir, embed_items, item_titles(split.data, items))
+
+
 def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
-          callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None) -> TrainResult:
+          callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
+          log_dir: Optional[str] = None) -> TrainResult:
     """Builds and fits a model on ``split.train`` (the validation and test items are never trained on).
 
     Every ``evaluate_every`` epochs (0: never) the model is evaluated on the validation split; with
@@ -51,9 +65,12 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
     ``config.selection_metric`` and the best epoch's weights are restored (``best_epoch``). A NaN or infinite
     loss raises :class:`~tfrec_recall.training.callbacks.NonFiniteLossError`. Returns validation and test metrics of
     the returned model. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains exactly that many
-    batches as one epoch instead of ``config.epochs`` passes."""
+    batches as one epoch instead of ``config.epochs`` passes. With ``log_dir``, TensorBoard logs go there: epoch
+    scalars (loss, validation metrics) and, after training, the returned model's item embeddings for the
+    projector (:mod:`tfrec_recall.training.tensorboard`)."""
     if max_steps is not None:
         require_positive_int("max_steps", max_steps)
+    log_dir = require_log_dir(log_dir)
     set_seed(config.seed)
     model = build_model(config, split)
     model.compile(optimizer=make_optimizer(config))
@@ -64,8 +81,10 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
         dataset, epochs = dataset.take(max_steps), 1
     guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
     selection = _selection_callbacks(model, config, split, evaluate_every)
+    logging = _logging_callbacks(model, split, log_dir)
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose, callbacks=[guard, *selection, *callbacks])
+    history = model.fit(dataset, epochs=epochs, verbose=verbose,
+                        callbacks=[guard, *selection, *callbacks, *logging])
     seconds = time.perf_counter() - start
     stopper = [c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)]
     best_epoch = stopper[0].best_epoch + 1 if stopper and stopper[0].best_weights is not None else None

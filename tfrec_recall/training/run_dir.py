@@ -7,14 +7,16 @@ A saved model directory holds:
 * ``query_tower/`` and ``candidate_tower/``: Keras SavedModels taking raw features;
 * ``candidates.npz``: the corpus ids and their embeddings (for ``recommend``);
 * ``metrics.json``, ``history.json`` and ``training.png`` (loss and HR@K per epoch);
-* ``request.json``: raw query features of two validation users (a sample request for smoke tests).
+* ``request.json``: raw query features of two validation users (a sample request for smoke tests);
+* ``logs/`` (when training wrote TensorBoard logs): scalars and the item-embedding projector
+  (``tensorboard --logdir <run>/logs``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,8 +43,15 @@ def sample_request(split: Split, specs: Sequence[FeatureSpec], rows: int = 2) ->
     return {name: np.asarray(a).tolist() for name, a in arrays.items()}
 
 
-def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, dataset_args: Mapping[str, Any]) -> Path:
-    """Writes the model directory atomically: everything goes to a temporary sibling, renamed at the end."""
+LOGS_DIR = "logs"
+
+
+def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, dataset_args: Mapping[str, Any],
+             log_dir: Optional[str] = None) -> Path:
+    """Writes the model directory atomically: everything goes to a temporary sibling, renamed at the end.
+    ``log_dir`` (the TensorBoard directory given to ``train``) is moved into the run as ``logs/``."""
+    if log_dir is not None and not tf.io.gfile.isdir(str(log_dir)):
+        raise FileNotFoundError(f"log_dir {str(log_dir)!r} is not a directory (the log_dir given to train)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
@@ -65,6 +74,8 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
         (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.encoder.specs)))
         plot_history(result.history, tmp / "training.png")
+        if log_dir is not None:
+            tf.io.gfile.rename(str(log_dir), str(tmp / LOGS_DIR))
     return out
 
 
