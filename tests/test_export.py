@@ -37,7 +37,8 @@ def test_stock_op_exports_reload_with_same_results(tmp_path, exported_model, kin
     assert path == tmp_path / "m" / "1"
     expected_scores, expected_ids = _expected(model, index, features, 20)
     loaded = tf.saved_model.load(str(path))
-    assert set(loaded.signatures) == {"serving_default", "serve_examples", "query_embedding"}
+    assert set(loaded.signatures) == {"serving_default", "serve_with_exclusions", "serve_examples",
+                                      "query_embedding"}
     tensors = {name: tf.constant(v) for name, v in features.items()}
     out = loaded.signatures["serving_default"](**tensors)
     assert set(out) == {"item_ids", "scores"} and out["item_ids"].dtype == tf.string
@@ -63,6 +64,10 @@ def test_stock_op_exports_reload_with_same_results(tmp_path, exported_model, kin
     assert manifest["candidate_count"] == len(items) and manifest["embedding_dimension"] == 16
     assert manifest["candidate_checksum_sha256"] == candidate_checksum(items, embeddings)
     assert manifest["versions"]["tensorflow"] == tf.__version__ and manifest["requires_custom_ops"] == []
+    assert set(manifest["signatures"]) == set(loaded.signatures)
+    assert manifest["signatures"]["serve_with_exclusions"]["inputs"]["exclude_item_ids"] == {
+        "dtype": "string", "shape": [None, None]}
+    assert manifest["exclusion_input"] == {"signature": "serve_with_exclusions", "input": "exclude_item_ids"}
     # The next export is version 2; an existing version is never overwritten.
     assert export_retrieval_model(model, (items, embeddings), export_dir_base=tmp_path / "m", k=5).name == "2"
     with pytest.raises(FileExistsError, match="versions are never overwritten"):
@@ -78,6 +83,71 @@ def _example(features, row):
         else:
             feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(v).encode() for v in value]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _numpy_served(model, items, embeddings, features, exclude, k):
+    """NumPy brute force: the best k candidates outside each query's history and exclusion row."""
+    queries = model.query_tower({n: tf.constant(v) for n, v in features.items()}).numpy()
+    scores = queries @ embeddings.T
+    ids, top = [], []
+    for q in range(len(queries)):
+        gone = (set(features["history"][q].astype(str)) | set(exclude[q])) - {""}
+        s = np.where(np.isin(items.astype(str), list(gone)), -np.inf, scores[q])
+        order = np.argsort(-s, kind="stable")[:k]
+        ids.append([str(items[i]) if np.isfinite(s[i]) else "" for i in order])
+        top.append(s[order])
+    return np.array(ids), np.array(top)
+
+
+@pytest.fixture(scope="module")
+def exclusion_export(tmp_path_factory, exported_model):
+    model, items, embeddings, features = exported_model
+    path = export_retrieval_model(model, (items, embeddings), index=BruteForce(max_k=10),
+                                  export_dir_base=tmp_path_factory.mktemp("exclusions"), k=10)
+    return path, tf.saved_model.load(str(path))
+
+
+def test_serve_with_exclusions_excludes_every_listed_id(exclusion_export, exported_model):
+    model, items, embeddings, features = exported_model
+    _, loaded = exclusion_export
+    tensors = {name: tf.constant(v) for name, v in features.items()}
+    queries = model.query_tower(tensors).numpy()
+    best = items.astype(str)[np.argsort(-(queries @ embeddings.T), axis=1)]
+    width = features["history"].shape[1]  # 10, like k: the lists below are longer than both
+    sizes = [0, 5, 25, 60, 190] + [12] * (len(queries) - 5)
+    exclude = [list(best[q, :n]) + ["not-an-item"] for q, n in enumerate(sizes)]
+    padded = np.array([row + [""] * (max(map(len, exclude)) - len(row)) for row in exclude], dtype=object)
+    assert padded.shape[1] > max(width, 10)
+    out = loaded.signatures["serve_with_exclusions"](**tensors, exclude_item_ids=tf.constant(padded))
+    got = out["item_ids"].numpy().astype(str)
+    for q, row in enumerate(exclude):
+        assert not set(got[q]) & (set(row) | set(features["history"][q].astype(str))) - {""}, q
+    expected_ids, expected_scores = _numpy_served(model, items, embeddings, features, exclude, 10)
+    np.testing.assert_array_equal(got, expected_ids)
+    finite = np.isfinite(expected_scores)
+    np.testing.assert_allclose(out["scores"].numpy()[finite], expected_scores[finite], rtol=1e-5, atol=1e-6)
+    # No exclusions (width 0) gives what the old signature gives; the old signature is unchanged.
+    none = loaded.signatures["serve_with_exclusions"](**tensors, exclude_item_ids=tf.zeros([len(queries), 0],
+                                                                                           tf.string))
+    old = loaded.signatures["serving_default"](**tensors)
+    np.testing.assert_array_equal(none["item_ids"].numpy(), old["item_ids"].numpy())
+    expected_old, _ = _numpy_served(model, items, embeddings, features, [[]] * len(queries), 10)
+    np.testing.assert_array_equal(old["item_ids"].numpy().astype(str), expected_old)
+
+
+def test_serve_with_exclusions_refuses_bad_exclusions(exclusion_export, exported_model):
+    """TensorFlow's signature wrapper refuses a wrong dtype or rank by input position (the server names the
+    input: tests/test_serving.py); a batch mismatch is caught in the graph with a message."""
+    features = exported_model[3]
+    _, loaded = exclusion_export
+    signature = loaded.signatures["serve_with_exclusions"]
+    tensors = {name: tf.constant(v) for name, v in features.items()}
+    n = len(features["history"])
+    for bad in (tf.ones([n, 3], tf.float32), tf.constant(["a"] * n)):  # wrong dtype, wrong rank
+        with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+            signature(**tensors, exclude_item_ids=bad)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="exclude_item_ids must have one row per query"):
+        signature(**tensors, exclude_item_ids=tf.constant([["a"]] * (n + 1)))
 
 
 def test_scann_export_reloads_in_a_fresh_process(tmp_path, exported_model):

@@ -294,3 +294,65 @@ def test_index_validation_errors():
 def test_bad_constructor_arguments_raise_naming_the_argument(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# -- variable-width exclusions (the export's serve_with_exclusions signature) ---------------------------------
+def _numpy_top_k_excluding(queries, ids, x, exclude, k):
+    """Exact top-k ids per query over the candidates not in that query's exclusion row."""
+    scores = queries @ x.T
+    out = []
+    for q, row in enumerate(exclude):
+        s = np.where(np.isin(ids, [i for i in row if i]), -np.inf, scores[q])
+        order = np.argsort(-s, kind="stable")[:k]
+        out.append([ids[i] if np.isfinite(s[i]) else "" for i in order])
+    return np.array(out)
+
+
+def _wide_exclusions(queries, ids, x, widths, seed=0):
+    """Per query: its best ``width`` candidates (so they would fill the top k), an unknown id and padding."""
+    rng = np.random.default_rng(seed)
+    best = ids[np.argsort(-(queries @ x.T), axis=1)]
+    rows = [list(best[q, :w]) + ["not-a-candidate"] for q, w in enumerate(widths)]
+    for row in rows:
+        rng.shuffle(row)
+    width = max(len(r) for r in rows) + 3
+    return np.array([r + [""] * (width - len(r)) for r in rows], dtype=object)
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "ivf_exhaustive", "scann"])
+def test_variable_width_exclusions_longer_than_k_never_crowd_the_top_k(small_corpus, kind):
+    ids, x, _ = small_corpus
+    queries = x[:5] + 0.05
+    index = {"brute_force": lambda: BruteForce(max_k=10),
+             "ivf_exhaustive": lambda: IVF(max_k=10, num_lists=8, num_probes=8, kmeans_iterations=3),
+             "scann": lambda: ScaNN(ScaNNConfig().tree(num_leaves=8, num_leaves_to_search=8).reorder(200),
+                                    max_k=10)}[kind]().index(ids, x)
+    assert index.search_depths(10) == (10, 20, 40, 80, 160, 200)
+    search = tf.function(lambda q, e: index(q, k=10, exclude=e),
+                         input_signature=[tf.TensorSpec([None, 8], tf.float32), tf.TensorSpec([None, None], tf.string)])
+    # Widths 0 .. 195 (> k): every branch from depth k up to the whole corpus; the last row leaves 5 items.
+    for widths in ([0, 3, 15, 35, 70], [150, 195, 12, 0, 60]):
+        exclude = _wide_exclusions(queries, ids, x, widths)
+        scores, got = search(tf.constant(queries), tf.constant(exclude))
+        got = got.numpy().astype(str)
+        for q, row in enumerate(exclude):
+            assert not set(got[q]) & (set(row) - {""}), (kind, widths[q])
+        expected = _numpy_top_k_excluding(queries, ids, x, exclude, 10)
+        if kind == "scann":  # approximate scoring: the excluded never return and k valid ids remain
+            assert all((got[q] != "").sum() == min(10, 200 - widths[q]) for q in range(5)), got
+        else:
+            np.testing.assert_array_equal(got, expected)
+            assert np.isneginf(scores.numpy()[expected == ""]).all()
+
+
+def test_bad_exclusions_name_the_argument(small_corpus):
+    ids, x, queries = small_corpus
+    index = BruteForce(max_k=5).index(ids, x)
+    with pytest.raises(ValueError, match=r"exclude must hold string ids, got dtype float64"):
+        index(queries, k=5, exclude=np.ones((6, 2)))
+    with pytest.raises(ValueError, match=r"exclude must be a string tensor of item ids, got dtype int32"):
+        index(queries, k=5, exclude=tf.ones((6, 2), tf.int32))
+    with pytest.raises(ValueError, match=r"exclude must be \[batch, num_excluded\] \(rank 2\), got shape \(6,\)"):
+        index(queries, k=5, exclude=tf.constant(["c1"] * 6))
+    with pytest.raises(ValueError, match=r"exclude has 2 rows but there are 6 queries"):
+        index(queries, k=5, exclude=[["c1"], ["c2"]])

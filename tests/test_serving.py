@@ -95,8 +95,55 @@ def test_status_and_metadata(served):
         from tensorflow_serving.apis import get_model_metadata_pb2
         signatures = get_model_metadata_pb2.SignatureDefMap()
         client.metadata().metadata["signature_def"].Unpack(signatures)
-        assert {"serving_default", "serve_examples", "query_embedding"} <= set(signatures.signature_def)
+        assert {"serving_default", "serve_with_exclusions", "serve_examples", "query_embedding"} <= \
+            set(signatures.signature_def)
+        assert set(signatures.signature_def["serve_with_exclusions"].inputs) == \
+            set(signatures.signature_def["serving_default"].inputs) | {"exclude_item_ids"}
         assert set(signatures.signature_def["serving_default"].outputs) == {"item_ids", "scores"}
+
+
+def _exclusions(served):
+    """Per query: its 15 best items when unfiltered (longer than k = 10 and the history width), an unknown id;
+    the first query excludes nothing."""
+    tensors = {k: tf.constant(v) for k, v in served["features"].items()}
+    queries = served["model"].query_tower(tensors).numpy()
+    best = np.asarray(served["items"]).astype(str)[np.argsort(-(queries @ served["embeddings"].T), axis=1)]
+    return [[]] + [list(best[q, :15]) + ["not-an-item"] for q in range(1, len(queries))]
+
+
+def test_exclusions_round_trip_through_server_and_client(served):
+    exclude = _exclusions(served)
+    loaded = tf.saved_model.load(str(served["base"] / "1"))
+    from tfrec_recall.serving.client import exclusion_array
+    padded = exclusion_array(exclude, len(exclude))
+    assert padded.shape == (20, 16) and padded[0].tolist() == [""] * 16
+    expected = loaded.signatures["serve_with_exclusions"](
+        **{k: tf.constant(v) for k, v in served["features"].items()}, exclude_item_ids=tf.constant(padded))
+    with _client(served, max_batch_size=7) as client:
+        out = client.predict(served["features"], exclude=exclude)
+        np.testing.assert_array_equal(out["item_ids"], expected["item_ids"].numpy())
+        results = client.query(served["features"], exclude=exclude)
+        for row, excluded in zip(results, exclude):
+            assert len(row) == 10 and not {item for item, _ in row} & set(excluded)
+        assert results[0] == client.query(served["features"])[0]  # no exclusions: the old signature's answer
+        with pytest.raises(ValueError, match=r"exclude has 2 rows but the features have 20 queries"):
+            client.predict(served["features"], exclude=[["a"], ["b"]])
+        with pytest.raises(ValueError, match=r"exclude\[1\] holds 7 \(int\); item ids are strings"):
+            client.predict(served["features"], exclude=[[]] + [[7]] * 19)
+
+
+def test_bad_exclusions_get_errors_naming_the_input(served):
+    features = served["features"]
+    with _client(served, signature_name="serve_with_exclusions") as client:
+        code, details = _error(lambda: client.predict({**features, "exclude_item_ids": np.ones((20, 3))}))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs['exclude_item_ids']: dtype float32 but the signature expects string" in details
+        code, details = _error(lambda: client.predict({**features, "exclude_item_ids": np.array(["a"] * 20)}))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs['exclude_item_ids']: shape [20] but the signature expects [None, None]" in details
+        code, details = _error(lambda: client.predict(features))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "missing input 'exclude_item_ids'" in details
+        assert len(client.query(features, exclude=[["x"]] * 20)) == 20  # still serving
 
 
 def _error(call):

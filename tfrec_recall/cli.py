@@ -212,7 +212,7 @@ def _export(args) -> int:
                        scann_leaves_to_search=args.scann_leaves_to_search)
     path = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings), index=index,
                                   export_dir_base=args.export_dir_base, k=args.k)
-    print(f"exported {args.index} index over {len(run.candidate_ids):,} candidates to {path}")
+    print(f"exported {args.index} index ({type(index).__name__}) over {len(run.candidate_ids):,} candidates to {path}")
     # Query the export the way a server would, for a few test users, and compare with the in-memory model.
     split = split_from_args(_dataset_args(run.dataset, args.data_dir))
     rows = split.test.head(3)

@@ -1,25 +1,34 @@
 """Export retrieval models for TF Serving: the query tower plus a top-k index in one SavedModel.
 
 ``export_retrieval_model`` writes ``export_dir_base/<version>/`` (TF Serving's versioned layout; versions are
-increasing integers) with three signatures:
+increasing integers) with four signatures:
 
 * ``serving_default``: raw query features as named tensors -> ``item_ids`` ``[batch, k]`` string and
   ``scores`` ``[batch, k]`` float32, best first. Items in the query's history feature are excluded when
   ``exclude_history`` is on (the default when the tower has a history feature);
+* ``serve_with_exclusions``: the same inputs plus ``exclude_item_ids``, ``[batch, None]`` string padded with
+  ``""`` -> the same outputs, with the listed ids excluded too (e.g. the user's full history, as the offline
+  evaluation excludes it; any number of ids per row; ids that are not candidates are ignored). TF Serving
+  signatures have no optional inputs, hence a second signature; both call the same index;
 * ``serve_examples``: ``examples``, a ``[batch]`` string tensor of serialized ``tf.Example`` -> the same;
   features missing from an example take ``""`` (OOV / padding) or NaN (the training mean);
 * ``query_embedding``: raw features -> ``query_embedding`` ``[batch, dim]`` float32.
 
 Inputs: an ``IdFeature`` is ``[batch]`` string, a multi-valued or sequence feature ``[batch, max_len]`` string
 padded with ``""``, a ``NumericFeature`` ``[batch]`` float32. ``assets/manifest.json`` records the model and
-index types and parameters, candidate count, dimension, k, versions, creation time and a SHA-256 of the
-candidate table. The version is written to a temporary directory and renamed, so a failure leaves nothing.
+index types and parameters, candidate count, dimension, k, the signatures with their inputs and outputs,
+versions, creation time, a SHA-256 of the
+candidate table and ``index_recall``: the index's recall@k against exact search as measured when it was built
+(``k``, ``target_recall``, ``measured_recall``, the tuned ``setting``; ``null`` when not measured), see
+:meth:`tfrec_recall.retrievers.TopKIndex.recall_report`. The version is written to a temporary directory and renamed, so a failure leaves nothing.
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,13 +41,27 @@ import tfrec_recall
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.features.specs import HISTORY, SequenceFeature
 from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
-from tfrec_recall._validation import require_positive_int
+from tfrec_recall._validation import require_int, require_positive_int
 
 OUTPUT_IDS = "item_ids"
 OUTPUT_SCORES = "scores"
 OUTPUT_EMBEDDING = "query_embedding"
 EXAMPLES_INPUT = "examples"
+EXCLUDE_INPUT = "exclude_item_ids"
+SIGNATURE_DEFAULT = "serving_default"
+SIGNATURE_EXCLUSIONS = "serve_with_exclusions"
+SIGNATURE_EXAMPLES = "serve_examples"
+SIGNATURE_EMBEDDING = "query_embedding"
 MANIFEST = "manifest.json"
+
+logger = logging.getLogger(__name__)
+
+# make_index gives exact search (BruteForce) for an approximate index (ivf, scann) asked for with default sizes
+# over fewer candidates than this. Measured in benchmarks/ann_recall.py (results/ann_recall.md, "Fallback
+# threshold"): the smallest corpus size at which both approximate indexes, tuned to recall 0.95 at k=100, answered
+# a single query at least twice as fast (p50) as BruteForce in the same process.
+EXACT_SEARCH_BELOW = 100_000
+DEFAULT_TARGET_RECALL = 0.95
 
 
 def input_signature(tower) -> Dict[str, tf.TensorSpec]:
@@ -63,19 +86,35 @@ class RetrievalModule(tf.Module):
             self.history_feature = HISTORY if HISTORY in sequences else (sequences[0] if sequences else None)
         self._parse_spec = example_parse_spec(query_tower)
         signature = input_signature(query_tower)
+        if EXCLUDE_INPUT in signature:
+            raise ValueError(f"the query tower has a feature named {EXCLUDE_INPUT!r}, the name of the "
+                             f"{SIGNATURE_EXCLUSIONS} signature's exclusion input: rename the feature")
+        with_exclusions = {**signature, EXCLUDE_INPUT: tf.TensorSpec([None, None], tf.string, name=EXCLUDE_INPUT)}
         self.serve = tf.function(self._serve, input_signature=[signature])
+        self.serve_with_exclusions = tf.function(self._serve_with_exclusions, input_signature=[with_exclusions])
         self.embed = tf.function(self._embed, input_signature=[signature])
         self.serve_examples = tf.function(
             self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
 
-    def _retrieve(self, features):
+    def _retrieve(self, features, exclude_item_ids=None):
+        """Top k for the query features; excluded: the history feature (if on) and ``exclude_item_ids``."""
         query = self.query_tower(features, training=False)
         exclude = features[self.history_feature] if self.history_feature else None
+        if exclude_item_ids is not None:
+            check = tf.debugging.assert_equal(tf.shape(exclude_item_ids)[0], tf.shape(query)[0],
+                                              message=f"{EXCLUDE_INPUT} must have one row per query")
+            with tf.control_dependencies([check]):
+                exclude_item_ids = tf.identity(exclude_item_ids)
+            exclude = exclude_item_ids if exclude is None else tf.concat([exclude, exclude_item_ids], axis=1)
         scores, ids = self.retrieval_index(query, k=self.k, exclude=exclude)
         return {OUTPUT_IDS: ids, OUTPUT_SCORES: scores}
 
     def _serve(self, features):
         return self._retrieve(features)
+
+    def _serve_with_exclusions(self, inputs):
+        features = {name: value for name, value in inputs.items() if name != EXCLUDE_INPUT}
+        return self._retrieve(features, inputs[EXCLUDE_INPUT])
 
     def _embed(self, features):
         return {OUTPUT_EMBEDDING: self.query_tower(features, training=False)}
@@ -99,26 +138,51 @@ def _next_version(base: Path) -> int:
 
 def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
                ivf_lists: Optional[int] = None, ivf_probes: Optional[int] = None,
-               scann_leaves: Optional[int] = None, scann_leaves_to_search: Optional[int] = None) -> TopKIndex:
+               scann_leaves: Optional[int] = None, scann_leaves_to_search: Optional[int] = None,
+               target_recall: Optional[float] = DEFAULT_TARGET_RECALL,
+               exact_search_below: int = EXACT_SEARCH_BELOW) -> TopKIndex:
     """An unbuilt index of ``kind`` (a registered name: ``tfrec_recall.retrievers.index_names()``) for
-    ``num_candidates`` candidates, with the defaults measured in benchmarks/serving.py where a size is not
-    given."""
-    import math
-    from tfrec_recall.retrievers import ScaNNConfig
+    ``num_candidates`` candidates, sized to the corpus where a size is not given.
+
+    ``ivf`` or ``scann`` without any explicit size over fewer than ``exact_search_below`` candidates gives exact
+    search (``BruteForce``, logged as a warning): there it is about as fast and loses no recall. Otherwise IVF
+    gets 2 sqrt(n) lists and ScaNN sqrt(n) leaves; the probes / leaves searched given (or the defaults, 1 % of
+    the lists, 10 % of the leaves) are where recall tuning to ``target_recall`` at k starts (``None``: no
+    tuning, the given values are kept)."""
     cls = index_class(kind)
     require_positive_int("k", k)
+    require_positive_int("num_candidates", num_candidates)
+    require_int("exact_search_below", exact_search_below, minimum=0)
     if cls is BruteForce:
         return BruteForce(max_k=k, storage_dtype=storage_dtype)
+    sizes = (ivf_lists, ivf_probes) if cls is IVF else (scann_leaves, scann_leaves_to_search)
+    if cls in (IVF, ScaNN) and num_candidates < exact_search_below and all(v is None for v in sizes):
+        logger.warning("make_index: %s over %d candidates (< exact_search_below=%d) falls back to exact search "
+                       "(brute_force): as fast there, and recall 1", kind, num_candidates, exact_search_below)
+        return BruteForce(max_k=k, storage_dtype=storage_dtype)
     if cls is IVF:
-        # 2 sqrt(n) lists, 1 % of them probed (at least 12).
-        lists = ivf_lists or max(1, min(num_candidates, int(round(2 * math.sqrt(num_candidates)))))
-        probes = ivf_probes or max(12, lists // 100)
-        return IVF(max_k=k, num_lists=lists, num_probes=min(probes, lists))
+        return _corpus_sized_ivf(k, num_candidates, ivf_lists, ivf_probes, target_recall)
     if cls is ScaNN:
-        leaves = scann_leaves or max(1, min(num_candidates, int(round(math.sqrt(num_candidates)))))
-        to_search = scann_leaves_to_search or max(1, leaves // 10)
-        return ScaNN(ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)), max_k=k)
+        return _corpus_sized_scann(k, num_candidates, scann_leaves, scann_leaves_to_search, target_recall)
     return cls(max_k=k)  # any other registered index: its own defaults
+
+
+def _corpus_sized_ivf(k: int, n: int, lists: Optional[int], probes: Optional[int],
+                      target_recall: Optional[float]) -> IVF:
+    """2 sqrt(n) lists, 1 % of them probed (at least 12) before tuning."""
+    lists = lists or max(1, min(n, int(round(2 * math.sqrt(n)))))
+    probes = probes or max(12, lists // 100)
+    return IVF(max_k=k, num_lists=lists, num_probes=min(probes, lists), target_recall=target_recall)
+
+
+def _corpus_sized_scann(k: int, n: int, leaves: Optional[int], to_search: Optional[int],
+                        target_recall: Optional[float]) -> ScaNN:
+    """sqrt(n) leaves, 10 % of them searched, 100 (at least k) candidates re-scored exactly before tuning."""
+    from tfrec_recall.retrievers import ScaNNConfig
+    leaves = leaves or max(1, min(n, int(round(math.sqrt(n)))))
+    to_search = to_search or max(1, leaves // 10)
+    config = ScaNNConfig().tree(num_leaves=leaves, num_leaves_to_search=min(to_search, leaves)).reorder(max(100, k))
+    return ScaNN(config, max_k=k, target_recall=target_recall)
 
 
 def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], *,
@@ -152,30 +216,53 @@ def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], 
     module = RetrievalModule(query_tower, index, k, exclude_history)
     with atomic_directory(final, base / f".tmp-{version}-{os.getpid()}") as tmp:
         options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if isinstance(index, ScaNN) else None)
-        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve,
-                                                          "serve_examples": module.serve_examples,
-                                                          "query_embedding": module.embed}, options=options)
-        manifest = {
-            "model_type": type(model).__name__,
-            "query_tower": type(query_tower).__name__,
-            "index": index.parameters(),
-            "k": k,
-            "candidate_count": int(len(ids)),
-            "embedding_dimension": int(embeddings.shape[1]),
-            "candidate_checksum_sha256": candidate_checksum(ids, embeddings),
-            "exclude_history_feature": module.history_feature,
-            "inputs": {name: {"dtype": s.dtype.name, "shape": s.shape.as_list()}
-                       for name, s in input_signature(query_tower).items()},
-            "outputs": {OUTPUT_IDS: "[batch, k] string", OUTPUT_SCORES: "[batch, k] float32",
-                        OUTPUT_EMBEDDING: "[batch, dim] float32 (signature query_embedding)"},
-            "requires_custom_ops": ["Scann"] if isinstance(index, ScaNN) else [],
-            "versions": {"tfrec_recall": tfrec_recall.__version__, "tensorflow": tf.__version__,
-                         "python": sys.version.split()[0]},
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / "assets").mkdir(exist_ok=True)
-        (tmp / "assets" / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_DEFAULT: module.serve,
+                                                          SIGNATURE_EXCLUSIONS: module.serve_with_exclusions,
+                                                          SIGNATURE_EXAMPLES: module.serve_examples,
+                                                          SIGNATURE_EMBEDDING: module.embed}, options=options)
+        tf.io.gfile.makedirs(str(tmp / "assets"))
+        with tf.io.gfile.GFile(str(tmp / "assets" / MANIFEST), "w") as f:
+            f.write(json.dumps(_manifest(model, module, ids, embeddings), indent=2))
     return final
+
+
+def signature_manifest(query_tower) -> Dict[str, dict]:
+    """Each exported signature's inputs (name -> dtype and shape, None = any) and outputs."""
+    features = {name: {"dtype": s.dtype.name, "shape": s.shape.as_list()}
+                for name, s in input_signature(query_tower).items()}
+    top_k = {OUTPUT_IDS: "[batch, k] string", OUTPUT_SCORES: "[batch, k] float32"}
+    return {
+        SIGNATURE_DEFAULT: {"inputs": features, "outputs": top_k},
+        SIGNATURE_EXCLUSIONS: {"inputs": {**features, EXCLUDE_INPUT: {"dtype": "string", "shape": [None, None]}},
+                               "outputs": top_k},
+        SIGNATURE_EXAMPLES: {"inputs": {EXAMPLES_INPUT: {"dtype": "string", "shape": [None]}}, "outputs": top_k},
+        SIGNATURE_EMBEDDING: {"inputs": features, "outputs": {OUTPUT_EMBEDDING: "[batch, dim] float32"}},
+    }
+
+
+def _manifest(model, module: RetrievalModule, ids: np.ndarray, embeddings: np.ndarray) -> dict:
+    index, query_tower = module.retrieval_index, module.query_tower
+    return {
+        "model_type": type(model).__name__,
+        "query_tower": type(query_tower).__name__,
+        "index": index.parameters(),
+        "index_recall": index.recall_report(),
+        "k": module.k,
+        "candidate_count": int(len(ids)),
+        "embedding_dimension": int(embeddings.shape[1]),
+        "candidate_checksum_sha256": candidate_checksum(ids, embeddings),
+        "exclude_history_feature": module.history_feature,
+        "exclusion_input": {"signature": SIGNATURE_EXCLUSIONS, "input": EXCLUDE_INPUT},
+        "signatures": signature_manifest(query_tower),
+        "inputs": {name: {"dtype": s.dtype.name, "shape": s.shape.as_list()}
+                   for name, s in input_signature(query_tower).items()},
+        "outputs": {OUTPUT_IDS: "[batch, k] string", OUTPUT_SCORES: "[batch, k] float32",
+                    OUTPUT_EMBEDDING: "[batch, dim] float32 (signature query_embedding)"},
+        "requires_custom_ops": ["Scann"] if isinstance(index, ScaNN) else [],
+        "versions": {"tfrec_recall": tfrec_recall.__version__, "tensorflow": tf.__version__,
+                     "python": sys.version.split()[0]},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def export_candidates(ids: Sequence[str], embeddings: np.ndarray, out_dir) -> Path:

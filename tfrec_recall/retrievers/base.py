@@ -2,9 +2,12 @@
 
 ``call(queries, k=None, exclude=None)`` returns ``(scores [batch, k] float32, ids [batch, k] string)``; ``k``
 is chosen per call up to the ``max_k`` given at construction; ``exclude`` is a ``[batch, E]`` string tensor of
-ids to leave out (e.g. items the user has seen; pad with ``""``). Exclusion searches ``k + E`` candidates and
-drops the excluded ones, so every returned id is valid. When fewer than ``k`` candidates remain, scores are
-``-inf`` and ids ``""`` in the tail.
+ids to leave out (e.g. items the user has seen; pad with ``""``; ids that are not candidates are ignored).
+Exclusion searches at least ``k + E`` candidates and drops the excluded ones, so the excluded ids can never
+crowd the top k: every returned id is valid, and an exact index returns the best ``k`` non-excluded candidates.
+``E`` may be unknown when traced (a ``[batch, None]`` signature input): the search depth is then picked at run
+time among static depths ``k, 2k, 4k, ...`` (capped at the corpus size), the smallest that holds ``k + E``.
+When fewer than ``k`` candidates remain, scores are ``-inf`` and ids ``""`` in the tail.
 
 Every index is a registered Keras object (``package="tfrec_recall"``) whose ``get_config`` / ``from_config``
 round trip gives an unbuilt index with the same parameters, and is registered by its public name in
@@ -88,14 +91,34 @@ class TopKIndex(tf.keras.Model, metaclass=abc.ABCMeta):
         if k > self.max_k:
             raise ValueError(f"k must be <= max_k ({self.max_k}), got {k}")
         queries = tf.convert_to_tensor(queries, tf.float32)
-        extra = 0 if exclude is None else int(exclude.shape[-1] if exclude.shape[-1] is not None else 0)
-        depth = min(k + extra, self.num_candidates)
+        if exclude is None:
+            return self._top_k_excluding(queries, k, None, min(k, self.num_candidates))
+        exclude = _checked_exclude(exclude, queries)
+        width = exclude.shape[-1]
+        if width is not None:  # known when traced: one static search depth
+            return self._top_k_excluding(queries, k, exclude, min(k + int(width), self.num_candidates))
+        depths = self.search_depths(k)
+        needed = tf.minimum(k + tf.shape(exclude)[-1], self.num_candidates)
+        branch = tf.reduce_sum(tf.cast(tf.constant(depths, tf.int32) < needed, tf.int32))
+        return tf.switch_case(branch, [lambda d=d: self._top_k_excluding(queries, k, exclude, d) for d in depths])
+
+    def search_depths(self, k: int) -> Tuple[int, ...]:
+        """The static search depths a variable-width exclusion chooses from: ``k, 2k, 4k, ...`` capped at the
+        corpus size (whose depth is the last)."""
+        depths, depth = [], min(require_positive_int("k", k), self.num_candidates)
+        while depth < self.num_candidates:
+            depths.append(depth)
+            depth = min(2 * depth, self.num_candidates)
+        return tuple(depths + [self.num_candidates])
+
+    def _top_k_excluding(self, queries, k: int, exclude: Optional[tf.Tensor], depth: int):
+        """Searches ``depth`` (>= k + exclusion width, or the whole corpus) candidates, drops the excluded ids and
+        keeps the best ``k``."""
         scores, rows = self._search(queries, depth)
         valid = rows >= 0
         ids = tf.where(valid, tf.gather(self.ids, tf.maximum(rows, 0)), "")
         scores = tf.where(valid, scores, -np.inf)
         if exclude is not None:
-            exclude = tf.convert_to_tensor(exclude, tf.string)
             hit = tf.reduce_any(tf.equal(ids[:, :, None], exclude[:, None, :]) & (exclude[:, None, :] != ""),
                                 axis=-1)
             scores = tf.where(hit, tf.cast(-np.inf, scores.dtype), scores)
@@ -122,9 +145,18 @@ class TopKIndex(tf.keras.Model, metaclass=abc.ABCMeta):
         return cls(**config)
 
     def parameters(self) -> dict:
-        """Index type and parameters, for export manifests."""
+        """Index type and parameters, for export manifests; ``recall`` is :meth:`recall_report`."""
         return {"type": type(self).__name__, "max_k": self.max_k, "num_candidates": self.num_candidates,
-                "dimension": self.dimension, "format_version": INDEX_FORMAT_VERSION}
+                "dimension": self.dimension, "format_version": INDEX_FORMAT_VERSION, "recall": self.recall_report()}
+
+    def recall_report(self) -> Optional[dict]:
+        """Recall@k of this index against exact search, as measured when it was built (``k``,
+        ``target_recall``, ``measured_recall``, ``met_target``, the tuned ``setting``, ``num_queries``, the
+        settings ``tried``), or ``None`` when not measured (unbuilt, or built with ``target_recall=None``).
+        Approximate indexes with recall tuning keep their :class:`~tfrec_recall.retrievers.tuning.TuningResult` in
+        ``self.tuning``."""
+        tuning = getattr(self, "tuning", None)
+        return None if tuning is None else tuning.as_dict()
 
 
 def _checked_candidates(ids, embeddings) -> Tuple[np.ndarray, np.ndarray]:
@@ -144,3 +176,26 @@ def _checked_candidates(ids, embeddings) -> Tuple[np.ndarray, np.ndarray]:
     if (ids == "").any():
         raise ValueError("candidate ids must be non-empty strings ('' pads exclusions)")
     return ids, embeddings
+
+
+def _checked_exclude(exclude, queries: tf.Tensor) -> tf.Tensor:
+    """``exclude`` as a ``[batch, E]`` string tensor with the queries' batch size, or ``ValueError`` naming its
+    dtype or shape (a batch size known only at run time is asserted in the graph)."""
+    if not isinstance(exclude, (tf.Tensor, tf.Variable)):
+        array = np.asarray(exclude)
+        if array.dtype.kind not in "USO":
+            raise ValueError(f"exclude must hold string ids, got dtype {array.dtype} (shape {list(array.shape)})")
+        exclude = tf.constant(array.astype(object) if array.dtype.kind == "U" else array, tf.string)
+    if exclude.dtype != tf.string:
+        raise ValueError(f"exclude must be a string tensor of item ids, got dtype {exclude.dtype.name}")
+    if exclude.shape.rank != 2:
+        raise ValueError(f"exclude must be [batch, num_excluded] (rank 2), got shape {exclude.shape}")
+    rows, batch = exclude.shape[0], queries.shape[0]
+    if rows is not None and batch is not None:
+        if rows != batch:
+            raise ValueError(f"exclude has {rows} rows but there are {batch} queries")
+        return exclude
+    check = tf.debugging.assert_equal(tf.shape(exclude)[0], tf.shape(queries)[0],
+                                      message="exclude must have one row per query")
+    with tf.control_dependencies([check]):
+        return tf.identity(exclude)

@@ -38,3 +38,10 @@ class BruteForce(TopKIndex):
 
     def parameters(self) -> dict:
         return {**super().parameters(), "storage_dtype": self.storage_dtype}
+
+    def recall_report(self):
+        """Exact search in float32 (recall 1 by construction); ``None`` (not measured) in lower precision."""
+        if self.ids is None or self.storage_dtype != "float32":
+            return None
+        return {"k": self.max_k, "target_recall": None, "measured_recall": 1.0, "met_target": True,
+                "setting": {}, "num_queries": 0, "tried": [], "exact": True}

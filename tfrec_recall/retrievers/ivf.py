@@ -9,11 +9,17 @@ fixed-shape padded tensors: row indices ``[num_lists, capacity]`` (-1 pads) and 
 
 Querying: score the centroids by inner product, probe the ``num_probes`` best lists, re-score their candidates
 exactly, return the top k. Like any IVF over inner products, it suits L2-normalised (cosine) embeddings best.
+
+Tuning (``target_recall``, default 0.95; ``None`` turns it off): after building, ``num_probes`` is raised until
+recall@max_k against exact search, measured on ``tuning_queries`` queries near the corpus, reaches the target
+(or every list is probed); see :mod:`tfrec_recall.retrievers.tuning`. The tuned ``num_probes`` is the index's
+``num_probes`` from then on (in ``get_config``, ``parameters`` and any SavedModel traced after building).
 """
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +28,7 @@ from tqdm.auto import tqdm
 from tfrec_recall._validation import require_int, require_positive_int
 from tfrec_recall.retrievers.base import TopKIndex
 from tfrec_recall.retrievers.registry import register_index
+from tfrec_recall.retrievers.tuning import DEFAULT_TARGET_RECALL, TuningResult, check_tuning_arguments, tune_search
 
 
 def _nearest(x: tf.Tensor, centroids: tf.Tensor, top: int = 1, chunk: int = 65536):
@@ -88,11 +95,13 @@ def balanced_assignment(x: np.ndarray, centroids: np.ndarray, capacity: int, cho
 class IVF(TopKIndex):
     """Inverted-file index: ``num_lists`` k-means lists (``kmeans_iterations`` Lloyd iterations on a
     ``kmeans_sample_size`` sample, seeded by ``seed``), each holding at most ``capacity_factor`` times the mean
-    list size; a query probes its ``num_probes`` best lists."""
+    list size; a query probes its ``num_probes`` best lists, raised after building until the measured recall@max_k
+    reaches ``target_recall`` (``tuning_queries`` queries with ``tuning_noise``, seeded by ``seed``)."""
 
     def __init__(self, max_k: int = 100, num_lists: int = 1024, num_probes: int = 32, kmeans_iterations: int = 15,
                  kmeans_sample_size: int = 200_000, capacity_factor: float = 1.5, seed: int = 0,
-                 progress: bool = False, **kwargs):
+                 progress: bool = False, target_recall: Optional[float] = DEFAULT_TARGET_RECALL,
+                 tuning_queries: int = 1000, tuning_noise: float = 0.5, **kwargs):
         super().__init__(max_k=max_k, **kwargs)
         self.num_lists = require_positive_int("num_lists", num_lists)
         self.num_probes = require_positive_int("num_probes", num_probes)
@@ -108,7 +117,10 @@ class IVF(TopKIndex):
         if not isinstance(progress, bool):
             raise ValueError(f"progress must be a bool, got {progress!r}")
         self.progress = progress
+        self.target_recall, self.tuning_queries, self.tuning_noise = check_tuning_arguments(
+            target_recall, tuning_queries, tuning_noise)
         self.capacity = 0
+        self.tuning: Optional[TuningResult] = None
 
     def _build_index(self, embeddings: np.ndarray) -> None:
         n, d = embeddings.shape
@@ -134,6 +146,23 @@ class IVF(TopKIndex):
         self.list_rows = tf.Variable(rows, trainable=False, name="list_rows")
         self.list_vectors = tf.Variable(vectors, trainable=False, name="list_vectors")
         self.fill_ratio = float(n / (self.num_lists * self.capacity))
+        if self.target_recall is not None:
+            self._tune(embeddings)
+
+    def _tune(self, embeddings: np.ndarray) -> None:
+        """Raises ``num_probes`` until the measured recall@max_k reaches ``target_recall``."""
+        def search(queries, setting, k):
+            self.num_probes = setting["num_probes"]
+            return tf.function(lambda q: self._search(q, k))(tf.constant(queries))[1].numpy()
+
+        requested = self.num_probes
+        try:
+            self.tuning = tune_search(search, embeddings, min(self.max_k, len(embeddings)),
+                                      {"num_probes": requested}, {"num_probes": self.num_lists},
+                                      self.target_recall, self.tuning_queries, self.tuning_noise, self.seed)
+        finally:
+            self.num_probes = requested  # the tuned value only once tuning has finished
+        self.num_probes = self.tuning.setting["num_probes"]
 
     def _search(self, queries, k):
         probes = min(self.num_probes, self.num_lists)
@@ -142,7 +171,7 @@ class IVF(TopKIndex):
 
         def one(args):
             query, lists = args
-            vectors = tf.reshape(tf.gather(self.list_vectors, lists), [-1, self.dimension])
+            vectors = tf.reshape(tf.gather(self.list_vectors, lists), [-1, self.list_vectors.shape[-1]])
             rows = tf.reshape(tf.gather(self.list_rows, lists), [-1])
             scores = tf.linalg.matvec(vectors, query)
             scores = tf.where(rows >= 0, scores, -np.inf)
@@ -158,9 +187,13 @@ class IVF(TopKIndex):
     def get_config(self) -> dict:
         return {**super().get_config(), "num_lists": self.num_lists, "num_probes": self.num_probes,
                 "kmeans_iterations": self.kmeans_iterations, "kmeans_sample_size": self.kmeans_sample_size,
-                "capacity_factor": self.capacity_factor, "seed": self.seed, "progress": self.progress}
+                "capacity_factor": self.capacity_factor, "seed": self.seed, "progress": self.progress,
+                "target_recall": self.target_recall, "tuning_queries": self.tuning_queries,
+                "tuning_noise": self.tuning_noise}
 
     def parameters(self) -> dict:
         return {**super().parameters(), "num_lists": self.num_lists, "num_probes": self.num_probes,
                 "capacity": self.capacity, "capacity_factor": self.capacity_factor,
-                "kmeans_iterations": self.kmeans_iterations, "fill_ratio": getattr(self, "fill_ratio", None)}
+                "kmeans_iterations": self.kmeans_iterations, "fill_ratio": getattr(self, "fill_ratio", None),
+                "target_recall": self.target_recall, "tuning_queries": self.tuning_queries,
+                "tuning_noise": self.tuning_noise}

@@ -4,6 +4,10 @@
 UNAVAILABLE with exponential backoff, and splits large query batches into requests of ``max_batch_size``.
 :class:`RestClient` speaks TF Serving's REST API (``POST /v1/models/NAME[/versions/V]:predict``).
 Both return Python results: for each query a list of ``(item_id, score)`` pairs, best first.
+
+``GrpcClient.predict`` / ``query`` take ``exclude``: per query, item ids to leave out of its results (e.g. the
+user's full history). They are sent, padded with ``""``, as the ``exclude_item_ids`` input of the export's
+``serve_with_exclusions`` signature (chosen unless a signature is named).
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 Results = List[List[Tuple[str, float]]]
+
+EXCLUDE_INPUT = "exclude_item_ids"  # tfrec_recall.export.EXCLUDE_INPUT (kept here: the client needs no TF import)
+SIGNATURE_EXCLUSIONS = "serve_with_exclusions"
 
 
 def _as_arrays(features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
@@ -37,6 +44,28 @@ def _as_arrays(features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
     if len(set(sizes.values())) != 1:
         raise ValueError(f"features must have the same batch size, got {sizes}")
     return arrays
+
+
+def exclusion_array(exclude: Sequence[Sequence[str]], batch: int) -> np.ndarray:
+    """``exclude`` (one sequence of item ids per query) as a ``[batch, width]`` object array padded with ``""``;
+    ``ValueError`` naming the row and value that is not a sequence of strings."""
+    if isinstance(exclude, (str, bytes)) or not hasattr(exclude, "__len__"):
+        raise ValueError(f"exclude must be one sequence of item ids per query, got {exclude!r}")
+    if len(exclude) != batch:
+        raise ValueError(f"exclude has {len(exclude)} rows but the features have {batch} queries")
+    rows = []
+    for row, ids in enumerate(exclude):
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise ValueError(f"exclude[{row}] must be a sequence of item ids, got {ids!r}")
+        ids = list(ids)
+        bad = [i for i in ids if not isinstance(i, (str, bytes, np.str_, np.bytes_))]
+        if bad:
+            raise ValueError(f"exclude[{row}] holds {bad[0]!r} ({type(bad[0]).__name__}); item ids are strings")
+        rows.append(ids)
+    out = np.full((batch, max((len(r) for r in rows), default=0)), "", dtype=object)
+    for row, ids in enumerate(rows):
+        out[row, :len(ids)] = ids
+    return out
 
 
 def _results(ids: np.ndarray, scores: np.ndarray) -> Results:
@@ -97,25 +126,34 @@ class GrpcClient:
         elif self.version_label is not None:
             spec.version_label = self.version_label
 
-    def predict(self, features: Mapping[str, Sequence], signature_name: Optional[str] = None) -> Dict[str, np.ndarray]:
-        """Raw outputs of one signature for a batch of inputs, sent in chunks of ``max_batch_size``."""
+    def predict(self, features: Mapping[str, Sequence], signature_name: Optional[str] = None,
+                exclude: Optional[Sequence[Sequence[str]]] = None) -> Dict[str, np.ndarray]:
+        """Raw outputs of one signature for a batch of inputs, sent in chunks of ``max_batch_size``. With
+        ``exclude`` (item ids per query), the ``serve_with_exclusions`` signature unless one is named."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
         arrays = _as_arrays(features)
         n = len(next(iter(arrays.values())))
+        if exclude is not None:
+            if EXCLUDE_INPUT in arrays:
+                raise ValueError(f"give the exclusions as exclude or as features[{EXCLUDE_INPUT!r}], not both")
+            arrays[EXCLUDE_INPUT] = exclusion_array(exclude, n)
+            signature_name = signature_name or SIGNATURE_EXCLUSIONS
         chunks = []
         for start in range(0, n, self.max_batch_size):
             request = predict_pb2.PredictRequest()
             self._spec(request.model_spec)
             request.model_spec.signature_name = signature_name or self.signature_name
             for name, array in arrays.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(array[start:start + self.max_batch_size]))
+                part = array[start:start + self.max_batch_size]
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(part, shape=part.shape))
             response = self._call(self.prediction.Predict, request)
             chunks.append({name: tf.make_ndarray(proto) for name, proto in response.outputs.items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
-    def query(self, features: Mapping[str, Sequence]) -> Results:
-        out = self.predict(features)
+    def query(self, features: Mapping[str, Sequence], exclude: Optional[Sequence[Sequence[str]]] = None) -> Results:
+        """(item id, score) pairs per query, best first; ``exclude``: item ids per query to leave out."""
+        out = self.predict(features, exclude=exclude)
         return _results(out["item_ids"], out["scores"])
 
     def status(self):

@@ -14,6 +14,9 @@ serving/README.md for which index needs which server).
   ``version_labels`` name versions; a request picks one by ``model_spec.version`` or
   ``model_spec.version_label`` (none: the newest loaded). As in TF Serving, a label naming a version that is
   not loaded stops the server at start, and an unknown label in a request is INVALID_ARGUMENT.
+* Any signature of the export is served by its name (``model_spec.signature_name``, default
+  ``serving_default``), e.g. ``serve_with_exclusions``, whose ``exclude_item_ids`` input (``[batch, None]``
+  string, padded with ``""``) lists item ids to leave out per query; its width may differ per request.
 * It binds to 127.0.0.1 unless told otherwise.
 * Bad requests (unknown model, version or label, unknown / missing input, wrong dtype or rank, empty or
   oversized batch) get INVALID_ARGUMENT or NOT_FOUND with a message naming the field; the server keeps serving.
