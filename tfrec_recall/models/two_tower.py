@@ -14,20 +14,22 @@ Variants are made by what is plugged in, not by flags:
 * hard negatives, temperature, accidental-hit removal: the task;
 * sample weights: only from the feature named by ``weight_feature`` (none by default), never implicitly.
 
-``fit`` logs ``loss`` as the mean over the epoch's batches (of the global batch's summed loss), not the last
-batch's value.
+Training steps, logging, auxiliary losses (``auxiliary_losses``) and ``index_candidates`` / ``recommend`` come
+from :class:`~tfrec_recall.models.base.RetrievalModel`: ``fit`` logs ``loss`` as the mean over the epoch's
+batches (of the global batch's summed loss), not the last batch's value, and ``retrieval_loss`` (the task's
+loss alone) besides it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 
 from tfrec_recall.data.schema import ITEM_ID
 from tfrec_recall.layers.sampling.frequency import StreamingFrequencyEstimator
 from tfrec_recall.layers.sampling import CorpusNegativeSampler
-from tfrec_recall.layers.towers import Tower, model_base_config
+from tfrec_recall.layers.towers import Tower
+from tfrec_recall.models.base import AuxiliaryLoss, RetrievalModel
 from tfrec_recall.tasks.retrieval import RetrievalTask
 
 MIN_EXPECTED_COUNT = 1e-6  # floor of Q(y) before the log: an item neither seen nor sampleable
@@ -36,12 +38,13 @@ _deserialize = tf.keras.utils.deserialize_keras_object
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class TwoTower(tfrs.Model):
+class TwoTower(RetrievalModel):
     def __init__(self, query_tower: Tower, candidate_tower: Tower, task: Optional[RetrievalTask] = None,
                  frequency_estimator: Optional[StreamingFrequencyEstimator] = None,
                  negative_sampler: Optional[CorpusNegativeSampler] = None, item_id_feature: str = ITEM_ID,
-                 weight_feature: Optional[str] = None, logq_correction: bool = False, **kwargs):
-        super().__init__(**kwargs)
+                 weight_feature: Optional[str] = None, logq_correction: bool = False,
+                 auxiliary_losses: Sequence[AuxiliaryLoss] = (), **kwargs):
+        super().__init__(auxiliary_losses=auxiliary_losses, **kwargs)
         for name, tower in (("query_tower", query_tower), ("candidate_tower", candidate_tower)):
             if not isinstance(tower, tf.keras.layers.Layer):
                 raise TypeError(f"{name} must be a Keras layer or model, got {type(tower).__name__}")
@@ -59,7 +62,6 @@ class TwoTower(tfrs.Model):
         self.weight_feature = weight_feature
         self.logq_correction = bool(logq_correction)
         self._check_negatives()
-        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
 
     def _check_negatives(self):
         in_batch = self.task.in_batch_negatives
@@ -114,9 +116,17 @@ class TwoTower(tfrs.Model):
                                                  self.frequency_estimator(negative_ids) if in_batch else 0.0)
         return out
 
-    def compute_loss(self, features, training=False):
-        query = self.query_tower(features, training=training)
-        candidate = self.candidate_tower(features, training=training)
+    def embed_pair(self, features, training=False):
+        return self.query_tower(features, training=training), self.candidate_tower(features, training=training)
+
+    def embed_candidates(self, features, training=False):
+        return self.candidate_tower(features, training=training)
+
+    def candidate_feature_specs(self) -> list:
+        return list(self.candidate_tower.encoder.specs)
+
+    def retrieval_loss(self, features, query_embeddings, candidate_embeddings, training=False):
+        query, candidate = query_embeddings, candidate_embeddings
         ids = features[self.item_id_feature]
         weight = None
         if self.weight_feature is not None:
@@ -133,29 +143,8 @@ class TwoTower(tfrs.Model):
         return self.task(query, candidate, sample_weight=weight, candidate_ids=ids, compute_metrics=not training,
                          **negatives, **log_q)
 
-    def train_step(self, inputs):
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(inputs, training=True)
-            regularization_loss = tf.reduce_sum(tf.stack(self.losses)) if self.losses else 0.0
-            total_loss = loss + regularization_loss
-        gradients = tape.gradient(total_loss, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
-        return self._logs(loss, regularization_loss)
-
-    def test_step(self, inputs):
-        loss = self.compute_loss(inputs, training=False)
-        return self._logs(loss, tf.reduce_sum(tf.stack(self.losses)) if self.losses else 0.0)
-
-    def _logs(self, loss, regularization_loss):
-        # Each replica's loss sums its own queries: weights 1/R make the tracker's mean the global batch's sum.
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        self.loss_tracker.update_state(loss * replicas, sample_weight=1.0 / replicas)
-        logs = {metric.name: metric.result() for metric in self.metrics}
-        logs["regularization_loss"] = regularization_loss
-        return logs
-
     def get_config(self):
-        return {**model_base_config(self, super().get_config()), "query_tower": _serialize(self.query_tower),
+        return {**super().get_config(), "query_tower": _serialize(self.query_tower),
                 "candidate_tower": _serialize(self.candidate_tower), "task": _serialize(self.task),
                 "frequency_estimator": (None if self.frequency_estimator is None
                                         else _serialize(self.frequency_estimator)),
@@ -164,9 +153,9 @@ class TwoTower(tfrs.Model):
                 "logq_correction": self.logq_correction}
 
     @classmethod
-    def from_config(cls, config):
-        config = dict(config)
+    def deserialize_config(cls, config):
+        config = super().deserialize_config(config)
         for key in ("query_tower", "candidate_tower", "task", "frequency_estimator", "negative_sampler"):
             if config.get(key) is not None:
                 config[key] = _deserialize(config[key])
-        return cls(**config)
+        return config

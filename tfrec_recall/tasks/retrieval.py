@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec_recall._validation import is_int
+from tfrec_recall.layers.interest.scorers import DotScorer, Scorer
 
 LARGE_NEGATIVE = -1e9
 LAYER_KWARGS = ("trainable", "dtype")  # Keras layer arguments accepted besides TFRS's
@@ -83,8 +84,13 @@ class RetrievalTask(tfrs.tasks.Retrieval):
     (Keras metrics updated with the batch's labels and logits when ``compute_batch_metrics``),
     ``loss_metrics`` (Keras metrics of the loss), ``temperature`` (``None`` means 1, as in TFRS: no scaling),
     ``num_hard_negatives``, ``remove_accidental_hits`` and ``name``; this package's defaults differ from TFRS's
-    only in ``remove_accidental_hits=True``. Besides the Keras layer arguments ``trainable`` and ``dtype``, any
-    other keyword argument is refused with a ``TypeError`` naming it.
+    only in ``remove_accidental_hits=True``. ``scorer`` (a :class:`~tfrec_recall.layers.interest.Scorer`,
+    default :class:`~tfrec_recall.layers.interest.DotScorer`) computes the query x candidate logits before the
+    temperature, logQ correction and masking; it is given each query's positive candidate as ``targets``
+    (MIND's label-aware attention reads them) and the ``interest_mask`` passed to :meth:`call`; with a
+    multi-interest scorer the queries are ``[B, K, d]`` and factorized ``metrics`` (which score one vector per
+    query) do not apply. Besides the Keras layer arguments ``trainable`` and ``dtype``, any other keyword
+    argument is refused with a ``TypeError`` naming it.
     """
 
     def __init__(self, loss: Optional[Callable] = None, metrics=None,
@@ -92,11 +98,13 @@ class RetrievalTask(tfrs.tasks.Retrieval):
                  loss_metrics: Optional[Sequence[tf.keras.metrics.Metric]] = None,
                  temperature: Optional[float] = 1.0, num_hard_negatives: Optional[int] = None,
                  remove_accidental_hits: bool = True, name: Optional[str] = None,
-                 gather_across_replicas: bool = True, in_batch_negatives: bool = True, **kwargs):
+                 gather_across_replicas: bool = True, in_batch_negatives: bool = True,
+                 scorer: Optional[Scorer] = None, **kwargs):
         unknown = sorted(set(kwargs) - set(LAYER_KWARGS))
         if unknown:
             raise TypeError(f"RetrievalTask got unexpected keyword argument(s) {unknown}; it accepts TFRS's "
-                            f"Retrieval arguments, gather_across_replicas, in_batch_negatives and {LAYER_KWARGS}")
+                            "Retrieval arguments, gather_across_replicas, in_batch_negatives, scorer and "
+                            f"{LAYER_KWARGS}")
         temperature = 1.0 if temperature is None else temperature
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -104,6 +112,8 @@ class RetrievalTask(tfrs.tasks.Retrieval):
             raise ValueError(f"num_hard_negatives must be None or a positive integer, got {num_hard_negatives!r}")
         if loss is not None and not callable(loss):
             raise TypeError(f"loss must be None or a Keras loss (a callable), got {loss!r}")
+        if scorer is not None and not isinstance(scorer, Scorer):
+            raise TypeError(f"scorer must be None or a tfrec_recall.layers.interest.Scorer, got {scorer!r}")
         metrics = _metric_list("metrics", metrics, tfrs.metrics.Factorized)
         super().__init__(loss=loss, metrics=metrics,
                          batch_metrics=_metric_list("batch_metrics", batch_metrics, tf.keras.metrics.Metric),
@@ -116,11 +126,12 @@ class RetrievalTask(tfrs.tasks.Retrieval):
         self.num_hard = num_hard_negatives
         self.gather_across_replicas = bool(gather_across_replicas)
         self.in_batch_negatives = bool(in_batch_negatives)
+        self.scorer = scorer if scorer is not None else DotScorer(name="dot_scorer")
 
     def logits_and_labels(self, query_embeddings, candidate_embeddings, candidate_ids=None, candidate_log_q=None,
-                          negative_embeddings=None, negative_ids=None, negative_log_q=None):
+                          negative_embeddings=None, negative_ids=None, negative_log_q=None, interest_mask=None):
         """Corrected logits ``[num_queries, num_candidates]`` and one-hot labels (positives on the diagonal of
-        this replica's block)."""
+        this replica's block); the raw logits come from the scorer."""
         num_queries = tf.shape(query_embeddings)[0]
         offset = tf.constant(0, tf.int32)
         # Ids are compared as 62-bit fingerprints: ~10x faster than string equality, and collectives cannot
@@ -135,6 +146,7 @@ class RetrievalTask(tfrs.tasks.Retrieval):
             candidate_ids = _gather(ctx, candidate_ids)
             candidate_log_q = _gather(ctx, candidate_log_q)
         num_in_batch = tf.shape(candidate_embeddings)[0]
+        targets = candidate_embeddings[offset:offset + num_queries]  # each query's positive
         if negative_embeddings is not None:
             if (candidate_log_q is None) != (negative_log_q is None):
                 raise ValueError("candidate_log_q and negative_log_q must be given together: in-batch and sampled "
@@ -147,7 +159,8 @@ class RetrievalTask(tfrs.tasks.Retrieval):
                 candidate_ids = tf.concat([candidate_ids, negative_ids], axis=0)
             if candidate_log_q is not None:
                 candidate_log_q = tf.concat([candidate_log_q, negative_log_q], axis=0)
-        scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True) / self.temperature
+        scores = self.scorer(query_embeddings, candidate_embeddings, targets=targets,
+                             interest_mask=interest_mask) / self.temperature
         if candidate_log_q is not None:
             scores = scores - tf.cast(candidate_log_q, scores.dtype)[None, :]
         positive_column = offset + tf.range(num_queries)
@@ -169,15 +182,17 @@ class RetrievalTask(tfrs.tasks.Retrieval):
 
     def call(self, query_embeddings, candidate_embeddings, sample_weight=None, candidate_ids=None,
              candidate_log_q=None, negative_embeddings=None, negative_ids=None, negative_log_q=None,
-             compute_metrics: bool = True, compute_batch_metrics: bool = True):
+             compute_metrics: bool = True, compute_batch_metrics: bool = True, interest_mask=None):
         """The loss sum_i r_i * CE_i (or the given ``loss`` of the labels, logits and ``sample_weight``).
 
         As in TFRS: the loss metrics are always updated (with the weighted loss), the factorized ``metrics``
         when ``compute_metrics`` (with the query embeddings and this replica's positive candidates, by
         ``candidate_ids`` when given), the ``batch_metrics`` with the labels and logits (after logQ
-        correction, masking and hard-negative mining) when ``compute_batch_metrics``."""
+        correction, masking and hard-negative mining) when ``compute_batch_metrics``. ``interest_mask``
+        ([B, K], for multi-interest queries) goes to the scorer."""
         scores, labels = self.logits_and_labels(query_embeddings, candidate_embeddings, candidate_ids,
-                                                candidate_log_q, negative_embeddings, negative_ids, negative_log_q)
+                                                candidate_log_q, negative_embeddings, negative_ids, negative_log_q,
+                                                interest_mask)
         if sample_weight is not None:
             sample_weight = tf.reshape(tf.cast(sample_weight, scores.dtype), [-1])
         loss = self._loss(y_true=labels, y_pred=scores, sample_weight=sample_weight)
@@ -202,7 +217,8 @@ class RetrievalTask(tfrs.tasks.Retrieval):
             "loss_metrics": [_serialize_metric("loss_metrics", m) for m in self._loss_metrics],
             "temperature": self.temperature, "num_hard_negatives": self.num_hard,
             "remove_accidental_hits": self.remove_hits, "gather_across_replicas": self.gather_across_replicas,
-            "in_batch_negatives": self.in_batch_negatives})
+            "in_batch_negatives": self.in_batch_negatives,
+            "scorer": tf.keras.utils.serialize_keras_object(self.scorer)})
         return config
 
     @classmethod
@@ -210,6 +226,8 @@ class RetrievalTask(tfrs.tasks.Retrieval):
         config = dict(config)
         if config.get("loss") is not None:
             config["loss"] = tf.keras.losses.deserialize(config["loss"])
+        if config.get("scorer") is not None:
+            config["scorer"] = tf.keras.utils.deserialize_keras_object(config["scorer"])
         # Keras metrics through tf.keras.metrics.deserialize: it knows the built-in ones also where Keras's
         # legacy deserialisation runs (loading a SavedModel), which the generic function does not.
         config["metrics"] = [tf.keras.utils.deserialize_keras_object(m) for m in config.get("metrics") or []]

@@ -1,5 +1,6 @@
 """Training: models from a RunConfig (``build``), fitting with model selection (``fit``), the run directory
 (``run_dir``), callbacks, and the TFX Trainer's ``run_fn`` (``tfx_trainer``, imported only by its path)."""
+from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, evaluate, evaluate_towers
 from tfrec_recall.features import feature_arrays
 from tfrec_recall.training.build import build_model, make_optimizer, set_seed, training_arrays
@@ -11,4 +12,4 @@ from tfrec_recall.training.run_dir import (REQUEST_FILE, LoadedRun, load_run, lo
 __all__ = ["build_model", "make_optimizer", "set_seed", "training_arrays", "train", "TrainResult", "plot_history",
            "save_run", "load_run", "load_run_config", "LoadedRun", "recommend", "sample_request", "REQUEST_FILE",
            "NonFiniteLossError", "RetrievalEvaluation", "StopOnNonFiniteLoss", "evaluate", "evaluate_towers",
-           "embed", "corpus_arrays", "feature_arrays"]
+           "embed", "corpus_arrays", "feature_arrays", "make_dataset"]

@@ -14,6 +14,7 @@ from tfrec_recall.config import RunConfig
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, evaluate
+from tfrec_recall.models.base import index_split_corpus
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.build import build_model, make_optimizer, set_seed, training_arrays
 from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
@@ -90,6 +91,7 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
     best_epoch = stopper[0].best_epoch + 1 if stopper and stopper[0].best_weights is not None else None
     valid = evaluate(model, split, "valid", config.ks) if len(split.valid) else {}
     metrics = evaluate(model, split, "test", config.ks) if len(split.test) else {}
+    index_split_corpus(model, split)  # so that train(...).model.recommend(user_features, k) answers
     return TrainResult(model, {k: [float(x) for x in v] for k, v in history.history.items()}, metrics, seconds,
                        valid, best_epoch)
 

@@ -14,11 +14,11 @@ differ only by the body:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import tensorflow as tf
 
-from tfrec_recall.features import FeatureEncoder, SpecLike
+from tfrec_recall.features import FeatureEncoder, SequenceFeature, SpecLike
 from tfrec_recall._validation import is_int, require_positive_int
 
 _TOWER_TYPES: Dict[str, type] = {}  # written only by register_tower
@@ -112,6 +112,35 @@ class Tower(tf.keras.Model):
         if self.l2_normalize:
             x = tf.math.l2_normalize(x, axis=-1)
         return x
+
+    def sequence_feature(self, name: Optional[str] = None) -> str:
+        """The name of the list feature :meth:`encode_sequence` returns: ``name`` if given, else the tower's only
+        ``SequenceFeature`` (or, without one, its only list feature); ``ValueError`` naming the candidates
+        otherwise."""
+        lists = [s for s in self.encoder.specs if s.width is not None]
+        if name is not None:
+            if name not in [s.name for s in lists]:
+                raise ValueError(f"{self.name}: {name!r} is not a list feature of this tower "
+                                 f"(list features: {[s.name for s in lists]})")
+            return name
+        sequences = [s for s in lists if isinstance(s, SequenceFeature)] or lists
+        if len(sequences) != 1:
+            raise ValueError(f"{self.name}: name the sequence feature to encode, the tower has "
+                             f"{len(sequences)} candidates {[s.name for s in sequences]} (SequenceFeature first)")
+        return sequences[0].name
+
+    def encode_sequence(self, inputs, name: Optional[str] = None) -> Tuple[tf.Tensor, tf.Tensor]:
+        """The unpooled embeddings of the tower's sequence feature (see :meth:`sequence_feature`):
+        ``([batch, max_len, d] float, mask [batch, max_len] bool)``, the mask true on non-empty slots, in the
+        order of the raw input (most recent first for a history). These are the field embeddings the pooled
+        vector of :meth:`call` is built from; multi-interest extractors and sequence losses read them."""
+        return self.encoder.sequence(inputs, self.sequence_feature(name))
+
+    def call_with_sequence(self, inputs, training=None, name: Optional[str] = None):
+        """``(pooled [batch, output_dim], sequence [batch, max_len, d], mask [batch, max_len])``: :meth:`call`
+        and :meth:`encode_sequence` of the same inputs."""
+        sequence, mask = self.encode_sequence(inputs, name)
+        return self(inputs, training=training), sequence, mask
 
     def get_config(self):
         return {**model_base_config(self, super().get_config()),

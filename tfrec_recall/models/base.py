@@ -1,0 +1,272 @@
+"""RetrievalModel: the base of the retrieval models (a ``tfrs.Model``).
+
+It owns what every retrieval model shares, so a new model only says how it embeds queries and candidates and
+what its main loss is (:meth:`RetrievalModel.embed_pair`, :meth:`RetrievalModel.retrieval_loss`,
+:meth:`RetrievalModel.embed_candidates`, and ``call`` for the query embeddings):
+
+* the train / test steps: ``fit`` logs ``loss`` (the total: main loss plus the weighted auxiliary losses) and
+  ``retrieval_loss`` (the main loss alone) as means over the epoch's batches of the global batch's value,
+  each auxiliary loss under its own name (the mean of its unweighted value), and ``regularization_loss``;
+* the auxiliary-loss hook: ``auxiliary_losses`` (constructor) or :meth:`RetrievalModel.add_auxiliary_loss`
+  take :class:`AuxiliaryLoss` layers, each called with ``(features, query_embeddings, candidate_embeddings,
+  training)`` and returning a scalar; the total loss is ``main + sum_i weight_i * aux_i``. DAT's mimic and
+  alignment losses (Yu et al. 2021, dual augmented two-tower), contrastive / self-supervised losses (e.g. Yao
+  et al. 2021) and embedding penalties plug in the same way: subclass :class:`AuxiliaryLoss`, register it,
+  implement ``call``; :class:`AlignmentLoss` is the built-in example. Under a distribution strategy each
+  replica's main loss is the sum over its own queries, and each auxiliary loss (a per-replica mean) enters the
+  replica's total divided by the number of replicas, so the replicas' totals sum to the single-device total;
+* serving in one call: :meth:`RetrievalModel.index_candidates` builds a top-k index (brute force, IVF, ScaNN
+  or any :class:`~tfrec_recall.retrievers.TopKIndex`) over the candidates, then
+  :meth:`RetrievalModel.recommend` answers ``(scores [B, k], ids [B, k])`` for raw user features.
+
+The index and the extra loss trackers are kept outside TensorFlow's object tracking: checkpoints and
+SavedModels of a model hold the same variables as before they existed (older checkpoints still load).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
+from tfrec_recall.data.schema import ITEM_ID
+from tfrec_recall.features import feature_arrays
+from tfrec_recall.layers.towers import model_base_config
+from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.registry import index_class
+
+RESERVED_LOG_NAMES = ("loss", "retrieval_loss", "regularization_loss")
+_serialize = tf.keras.utils.serialize_keras_object
+_deserialize = tf.keras.utils.deserialize_keras_object
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
+class AuxiliaryLoss(tf.keras.layers.Layer):
+    """Base of the auxiliary losses: ``call(features, query_embeddings, candidate_embeddings, training)`` ->
+    a scalar, added to the model's loss times ``weight`` (a finite number >= 0) and logged under the layer's
+    ``name``. ``features`` is the raw batch; the embeddings are the towers' outputs for it ([B, d] each)."""
+
+    def __init__(self, weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.weight = require_finite_nonnegative("weight", weight)
+
+    def call(self, features, query_embeddings, candidate_embeddings, training=False):
+        raise NotImplementedError(f"{type(self).__name__} must implement call(features, query_embeddings, "
+                                  "candidate_embeddings, training)")
+
+    def get_config(self):
+        return {**super().get_config(), "weight": self.weight}
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
+class AlignmentLoss(AuxiliaryLoss):
+    """Alignment of positive pairs (Wang & Isola 2020, "Understanding Contrastive Representation Learning
+    through Alignment and Uniformity on the Hypersphere", eq. 4): the mean over the batch of
+    ``||f(x_i) - f(y_i)||_2 ** alpha`` between each query embedding and its positive candidate's embedding.
+    ``alpha`` > 0 (the paper's default 2). It pulls the two towers' outputs of a positive pair together, as
+    DAT's adaptive-mimic term does per pair."""
+
+    def __init__(self, weight: float = 1.0, alpha: float = 2.0, **kwargs):
+        super().__init__(weight=weight, **kwargs)
+        if require_finite_nonnegative("alpha", alpha) == 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def call(self, features, query_embeddings, candidate_embeddings, training=False):
+        difference = query_embeddings - tf.cast(candidate_embeddings, query_embeddings.dtype)
+        squared = tf.reduce_sum(tf.square(difference), axis=-1)
+        # ||d||^alpha = (||d||^2)^(alpha / 2); the floor keeps the gradient finite at d = 0 for alpha < 2.
+        return tf.reduce_mean(tf.pow(tf.maximum(squared, 1e-12), self.alpha / 2.0))
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha}
+
+
+class _Untracked:
+    """Holds objects outside TensorFlow's tracking (a plain object: Keras neither tracks nor saves what it
+    holds), so that they change no checkpoint or SavedModel."""
+
+    def __init__(self):
+        self.trackers: Dict[str, tf.keras.metrics.Mean] = {}
+        self.retriever: Optional[TopKIndex] = None
+
+
+def _padded_exclusions(exclude: Sequence[Sequence[str]], num_users: int) -> tf.Tensor:
+    """``exclude`` (one list of item ids per user) as a ``[num_users, E]`` string tensor padded with ``""``."""
+    if isinstance(exclude, (str, bytes)) or len(exclude) != num_users:
+        raise ValueError(f"exclude must hold one list of item ids per user ({num_users} users), got "
+                         f"{exclude!r:.200}")
+    width = max([1] + [len(items) for items in exclude])
+    rows = [[str(i) for i in items] + [""] * (width - len(items)) for items in exclude]
+    return tf.constant(np.array(rows, dtype=object).reshape(num_users, width), tf.string)
+
+
+class RetrievalModel(tfrs.Model):
+    """Base retrieval model (see the module docstring). Subclasses implement ``call`` (query embeddings of
+    raw features), :meth:`embed_pair`, :meth:`retrieval_loss` and :meth:`embed_candidates`, and extend
+    ``get_config`` / :meth:`deserialize_config`."""
+
+    def __init__(self, auxiliary_losses: Sequence[AuxiliaryLoss] = (), **kwargs):
+        super().__init__(**kwargs)
+        self._untracked = _Untracked()
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+        self._untracked.trackers["retrieval_loss"] = tf.keras.metrics.Mean(name="retrieval_loss")
+        self.auxiliary_losses: List[AuxiliaryLoss] = []
+        if isinstance(auxiliary_losses, AuxiliaryLoss):
+            raise TypeError("auxiliary_losses must be a sequence of AuxiliaryLoss layers, got one layer: wrap "
+                            f"it in a list, [{auxiliary_losses.name!r}]")
+        for loss in auxiliary_losses:
+            self.add_auxiliary_loss(loss)
+
+    # -- the auxiliary-loss hook ---------------------------------------------------------------------------
+    def add_auxiliary_loss(self, loss: AuxiliaryLoss) -> None:
+        """Adds ``loss`` (weighted by its ``weight``) to the training loss and logs it under ``loss.name``."""
+        if not isinstance(loss, AuxiliaryLoss):
+            raise TypeError(f"an auxiliary loss must be a tfrec_recall AuxiliaryLoss layer, got {loss!r}")
+        taken = set(RESERVED_LOG_NAMES) | set(self._untracked.trackers)
+        if loss.name in taken:
+            raise ValueError(f"auxiliary loss name {loss.name!r} is already used by a logged value "
+                             f"({sorted(taken)}); give the layer another name")
+        self.auxiliary_losses.append(loss)
+        self._untracked.trackers[loss.name] = tf.keras.metrics.Mean(name=loss.name)
+        self.train_function = self.test_function = None  # the compiled steps are traced again with it
+
+    @property
+    def metrics(self):
+        return super().metrics + list(self._untracked.trackers.values())
+
+    # -- what subclasses implement -------------------------------------------------------------------------
+    def embed_pair(self, features, training=False) -> Tuple[tf.Tensor, tf.Tensor]:
+        """(query embeddings, positive candidate embeddings) of a training batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed_pair(features, training)")
+
+    def retrieval_loss(self, features, query_embeddings, candidate_embeddings, training=False) -> tf.Tensor:
+        """The main (retrieval) loss of the batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement retrieval_loss(features, "
+                                  "query_embeddings, candidate_embeddings, training)")
+
+    def embed_candidates(self, features, training=False) -> tf.Tensor:
+        """Candidate embeddings of raw candidate features (what :meth:`index_candidates` indexes)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed_candidates(features, training)")
+
+    def candidate_feature_specs(self) -> list:
+        """The feature specs of the raw candidate features :meth:`embed_candidates` reads."""
+        raise NotImplementedError(f"{type(self).__name__} must implement candidate_feature_specs()")
+
+    # -- losses and steps ----------------------------------------------------------------------------------
+    def compute_losses(self, features, training=False) -> Dict[str, tf.Tensor]:
+        """This replica's ``retrieval_loss``, each auxiliary loss by name (unweighted) and ``loss``, the total
+        ``retrieval_loss + sum_i weight_i * aux_i / replicas``."""
+        query, candidate = self.embed_pair(features, training=training)
+        main = self.retrieval_loss(features, query, candidate, training=training)
+        losses = {"retrieval_loss": main}
+        total = main
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        for aux in self.auxiliary_losses:
+            value = tf.convert_to_tensor(aux(features, query, candidate, training=training))
+            if value.shape.rank != 0:
+                raise ValueError(f"auxiliary loss {aux.name!r} must return a scalar, got shape {value.shape}")
+            losses[aux.name] = value
+            total = total + tf.cast(aux.weight / replicas, main.dtype) * tf.cast(value, main.dtype)
+        losses["loss"] = total
+        return losses
+
+    def compute_loss(self, features, training=False):
+        return self.compute_losses(features, training=training)["loss"]
+
+    def _regularization_loss(self):
+        return tf.reduce_sum(tf.stack(self.losses)) if self.losses else 0.0
+
+    def train_step(self, inputs):
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(inputs, training=True)
+            regularization_loss = self._regularization_loss()
+            total_loss = losses["loss"] + regularization_loss
+        gradients = tape.gradient(total_loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return self._logs(losses, regularization_loss)
+
+    def test_step(self, inputs):
+        losses = self.compute_losses(inputs, training=False)
+        return self._logs(losses, self._regularization_loss())
+
+    def _logs(self, losses: Mapping[str, tf.Tensor], regularization_loss):
+        # Each replica's loss sums its own queries: weights 1/R make the tracker's mean the global batch's sum.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        self.loss_tracker.update_state(losses["loss"] * replicas, sample_weight=1.0 / replicas)
+        self._untracked.trackers["retrieval_loss"].update_state(losses["retrieval_loss"] * replicas,
+                                                                 sample_weight=1.0 / replicas)
+        for aux in self.auxiliary_losses:  # a per-replica mean: the tracker averages replicas and batches
+            self._untracked.trackers[aux.name].update_state(losses[aux.name])
+        logs = {metric.name: metric.result() for metric in self.metrics}
+        logs["regularization_loss"] = regularization_loss
+        return logs
+
+    # -- serving: index once, recommend in one call --------------------------------------------------------
+    def index_candidates(self, ids, candidates, index: Union[str, TopKIndex] = "brute_force", max_k: int = 100,
+                         batch_size: int = 4096) -> TopKIndex:
+        """Builds the top-k index :meth:`recommend` searches and returns it. ``candidates`` is either raw
+        candidate features (a mapping of arrays, embedded by :meth:`embed_candidates` in batches of
+        ``batch_size``) or their embeddings ``[len(ids), d]``; ``index`` a registered index name
+        (``brute_force``, ``ivf``, ``scann``; made with ``max_k``) or an unbuilt :class:`TopKIndex`. Indexing
+        again replaces the previous index."""
+        require_positive_int("batch_size", batch_size)
+        if isinstance(index, str):
+            index = index_class(index)(max_k=max_k)
+        elif not isinstance(index, TopKIndex):
+            raise TypeError(f"index must be an index name or a TopKIndex, got {index!r}")
+        if isinstance(candidates, Mapping):
+            candidates = self._embed_in_batches(candidates, batch_size)
+        self._untracked.retriever = index.index(ids, candidates)
+        return index
+
+    def _embed_in_batches(self, features: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
+        batches = tf.data.Dataset.from_tensor_slices(dict(features)).batch(batch_size)
+        return np.concatenate([self.embed_candidates(b, training=False).numpy() for b in batches], axis=0)
+
+    @property
+    def retriever(self) -> Optional[TopKIndex]:
+        """The index built by :meth:`index_candidates` (``None`` before)."""
+        return self._untracked.retriever
+
+    def recommend(self, user_features, k: int = 10,
+                  exclude: Optional[Sequence[Sequence[str]]] = None) -> Tuple[tf.Tensor, tf.Tensor]:
+        """``(scores [B, k] float32, ids [B, k] string)``: the best ``k`` indexed candidates for each user of
+        the raw ``user_features`` batch, best first, leaving out ``exclude[b]`` (item ids) for user b."""
+        if self._untracked.retriever is None:
+            raise ValueError(f"{type(self).__name__}.recommend needs an index of the candidates: call "
+                             "model.index_candidates(ids, candidate_features_or_embeddings) first")
+        require_positive_int("k", k)
+        queries = self(user_features, training=False)
+        if exclude is not None:
+            exclude = _padded_exclusions(exclude, int(queries.shape[0]))
+        return self._untracked.retriever(queries, k=k, exclude=exclude)
+
+    # -- configuration -------------------------------------------------------------------------------------
+    def get_config(self):
+        return {**model_base_config(self, super().get_config()),
+                "auxiliary_losses": [_serialize(loss) for loss in self.auxiliary_losses]}
+
+    @classmethod
+    def deserialize_config(cls, config: dict) -> dict:
+        """``config`` with its serialised sublayers deserialised (subclasses add theirs)."""
+        config = dict(config)
+        config["auxiliary_losses"] = [_deserialize(loss) for loss in config.get("auxiliary_losses") or []]
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**cls.deserialize_config(config))
+
+
+def index_split_corpus(model: RetrievalModel, split, index: Union[str, TopKIndex] = "brute_force",
+                       max_k: int = 100) -> TopKIndex:
+    """Indexes every item of ``split.data`` (sorted ids, their raw candidate features) with ``model``'s
+    candidate embeddings: what ``training.train`` does after fitting, so ``train(...).model.recommend``
+    answers."""
+    items = split.data.items
+    features = feature_arrays(pd.DataFrame({ITEM_ID: items}), split.data, model.candidate_feature_specs())
+    return model.index_candidates(np.asarray(items).astype(str), features, index=index, max_k=max_k)
