@@ -208,3 +208,23 @@ def test_candidate_export_round_trip(tmp_path):
     np.testing.assert_allclose(np.stack([p["embedding"].numpy() for p in parsed]), x)
     with pytest.raises(FileExistsError):
         export_candidates(ids, x, out)
+
+
+def test_export_from_the_model_and_an_item_table(tmp_path, exported_model, small_split):
+    """Exporting needs the trained model and an item table only: the candidate tower embeds the table, and the
+    export serves the same top-k as one given the corpus embeddings."""
+    from tfrec_recall.evaluation import corpus_arrays
+    model, items, embeddings, features = exported_model
+    table = corpus_arrays(small_split, model.candidate_tower.encoder.specs)  # item feature arrays with item_id
+    from_table = export_retrieval_model(model, table, index=BruteForce(max_k=10), export_dir_base=tmp_path / "t", k=10)
+    from_pairs = export_retrieval_model(model, (items, embeddings), index=BruteForce(max_k=10),
+                                        export_dir_base=tmp_path / "p", k=10)
+    request = {name: tf.constant(v) for name, v in features.items()}
+    a = tf.saved_model.load(str(from_table)).signatures["serving_default"](**request)
+    b = tf.saved_model.load(str(from_pairs)).signatures["serving_default"](**request)
+    np.testing.assert_array_equal(a["item_ids"].numpy(), b["item_ids"].numpy())
+    np.testing.assert_allclose(a["scores"].numpy(), b["scores"].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="needs a model with a candidate tower"):
+        export_retrieval_model(model.query_tower, table, export_dir_base=tmp_path / "q")
+    with pytest.raises(TypeError, match=r"candidates must be an \(ids, embeddings\) pair or an item table"):
+        export_retrieval_model(model, items, export_dir_base=tmp_path / "x")

@@ -37,3 +37,5 @@ def test_quickstart_notebook_executes():
                       for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
     assert "'HR@50'" in outputs  # the test-metrics dictionary
     assert "top items for user u7" in outputs
+    assert "same HR@50 from plain arrays: True" in outputs  # evaluate on arrays = evaluate on the split
+    assert "export answers like model.recommend: True" in outputs

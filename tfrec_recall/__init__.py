@@ -43,6 +43,7 @@ _PUBLIC = {
     "BruteForce": "tfrec_recall.retrievers", "IVF": "tfrec_recall.retrievers", "ScaNN": "tfrec_recall.retrievers",
     "ScaNNConfig": "tfrec_recall.retrievers", "MultiQueryRetriever": "tfrec_recall.retrievers",
     "make_synthetic": "tfrec_recall.data", "leave_last_out": "tfrec_recall.data",
+    "make_dataset": "tfrec_recall.data.tfdata", "RetrievalEvaluation": "tfrec_recall.training",
     "specs_from_split": "tfrec_recall.features", "feature_arrays": "tfrec_recall.features",
     "RunConfig": "tfrec_recall.config", "load_config": "tfrec_recall.config",
     "train": "tfrec_recall.training", "evaluate": "tfrec_recall.evaluation",

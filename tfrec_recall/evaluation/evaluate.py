@@ -42,7 +42,7 @@ def evaluate(model, data, which: str = "test", ks: Sequence[int] = (10, 50, 100)
         return evaluate_towers(model.query_tower, model.candidate_tower, data, which, ks, progress,
                                retriever=retriever)
     features, positives, exclude = query_rows(data, label_column, exclude_column)
-    ids, embeddings = _candidate_embeddings(model.candidate_tower, candidates)
+    ids, embeddings = candidate_embeddings(model.candidate_tower, candidates)
     queries = embed(model.query_tower, _tower_inputs(model.query_tower, features, "data"))
     index = _indexed(retriever, ids, embeddings, max(check_ks(ks)))
     return evaluate_retriever(index, queries, positives, exclude, ks, progress=progress)
@@ -148,7 +148,7 @@ def _tower_inputs(tower, arrays: Mapping[str, np.ndarray], argument: str) -> Dic
     return {spec.name: arrays[spec.name] for spec in specs}
 
 
-def _candidate_embeddings(candidate_tower, candidates) -> Tuple[np.ndarray, np.ndarray]:
+def candidate_embeddings(candidate_tower, candidates) -> Tuple[np.ndarray, np.ndarray]:
     """(ids, embeddings) from ``candidates``: an (ids, embeddings) pair or item feature arrays with item_id."""
     if candidates is None:
         raise ValueError("candidates is required when data is not a Split: item feature arrays (with an "

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -185,17 +185,33 @@ def _corpus_sized_scann(k: int, n: int, leaves: Optional[int], to_search: Option
     return ScaNN(config, max_k=k, target_recall=target_recall)
 
 
-def export_retrieval_model(model, candidates: Tuple[Sequence[str], np.ndarray], *,
+def _candidates(model, candidates) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids, embeddings) from an (ids, embeddings) pair, or from an item table (a mapping of item feature
+    arrays with ``item_id``) embedded by the model's candidate tower."""
+    if isinstance(candidates, Mapping):
+        if not hasattr(model, "candidate_tower"):
+            raise TypeError("candidates as an item table needs a model with a candidate tower (e.g. a TwoTower), "
+                            f"got {type(model).__name__}; pass (ids, embeddings) instead")
+        from tfrec_recall.evaluation.evaluate import candidate_embeddings
+        return candidate_embeddings(model.candidate_tower, candidates)
+    if not (isinstance(candidates, (tuple, list)) and len(candidates) == 2):
+        raise TypeError("candidates must be an (ids, embeddings) pair or an item table (a dict of item feature "
+                        f"arrays with 'item_id'), got {type(candidates).__name__}")
+    return np.asarray(candidates[0]).astype(str), np.asarray(candidates[1], dtype=np.float32)
+
+
+def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndarray], Mapping[str, np.ndarray]], *,
                            index: Union[str, TopKIndex] = "brute_force", export_dir_base, k: int = 100,
                            version: Optional[int] = None, exclude_history: bool = True) -> Path:
-    """Exports ``model`` (a ``TwoTower`` or a query tower) with an index over ``candidates`` = (ids,
-    embeddings). An index instance that was not built yet is built over the candidates. Returns the version
-    directory."""
+    """Exports ``model`` (a ``TwoTower`` or a query tower) with an index over ``candidates``: (ids,
+    embeddings), or an item table (item feature arrays with ``item_id``, embedded by the model's candidate
+    tower; the training data is not needed). An index instance that was not built yet is built over the
+    candidates. Returns the version directory."""
     query_tower = getattr(model, "query_tower", model)
     if not hasattr(query_tower, "encoder"):
         raise TypeError(f"model must be a TwoTower or a tfrec_recall tower, got {type(model).__name__}")
     require_positive_int("k", k)
-    ids, embeddings = np.asarray(candidates[0]).astype(str), np.asarray(candidates[1], dtype=np.float32)
+    ids, embeddings = _candidates(model, candidates)
     if not isinstance(index, TopKIndex):
         if index not in index_names():
             raise ValueError(f"index must be a TopKIndex or one of {list(index_names())}, got {index!r}")
