@@ -3,7 +3,8 @@ which exact search is as good a choice (``tfrec_recall.export.EXACT_SEARCH_BELOW
 
 Data (not benchmarks/serving.py's, which is L2-normalised with queries next to corpus rows): ``centres``
 N(0, I) centres in d=64, equally likely, points = centre + ``noise`` x N(0, I), not normalised (maximum inner
-product search, where norms differ); the queries are fresh draws from the same mixture (not corpus rows). For IVF and ScaNN as ``make_index`` sizes them (IVF: 2 sqrt(n) lists, 1 % probed;
+product search, where norms differ); the queries are fresh draws from the same mixture (not corpus rows).
+For IVF and ScaNN as ``make_index`` sizes them (IVF: 2 sqrt(n) lists, 1 % probed;
 ScaNN: sqrt(n) leaves, 10 % searched, 100 re-scored), without tuning and tuned to recall 0.95 at k=100 and at
 k=10: recall@10 and recall@100 against exact search, build seconds (tuning included), single-query p50 ms, and
 the chosen probes / leaves. The fallback section times BruteForce against both indexes tuned at k=100 for
@@ -33,7 +34,8 @@ def mixture(n: int, num_queries: int, d: int = 64, centres: int = 1000, noise: f
     means = rng.standard_normal((centres, d))
 
     def draw(count):
-        return (means[rng.integers(0, centres, size=count)] + noise * rng.standard_normal((count, d))).astype(np.float32)
+        x = means[rng.integers(0, centres, size=count)] + noise * rng.standard_normal((count, d))
+        return x.astype(np.float32)
 
     return draw(n), draw(num_queries)
 
@@ -115,8 +117,8 @@ def _cell(value) -> str:
 def markdown(args, command: str, rows, fallback, limit) -> str:
     lines = ["# Recall of the approximate indexes: defaults and tuned to a target recall", "",
              f"Command: `{command}`", "",
-             f"Candidates: {args.num_candidates:,} x 64, {args.centres} Zipf-weighted Gaussian centres, noise "
-             f"{args.noise}, L2-normalised (seed {args.seed}); {args.num_queries} fresh queries from the same "
+             f"Candidates: {args.num_candidates:,} x 64, {args.centres} equally likely N(0, I) centres, noise "
+             f"{args.noise}, not normalised (seed {args.seed}); {args.num_queries} fresh queries from the same "
              "mixture. Recall against exact top-100 (TF matmul). One run on this 2-core machine.", "",
              "| index | tuned at k | target | recall@10 | recall@100 | build s (with tuning) | single-query p50 ms "
              "| lists / leaves | probes / leaves searched | reorder | recall measured by the tuning |",

@@ -1,7 +1,8 @@
 """Custom TFX components of the retrieval pipeline, as ``@component`` functions with typed artifacts.
 
-The work is done by library functions (``tfrec_recall.training.tfx_trainer``, ``tfrec_recall.evaluation.blessing``, ``tfrec_recall.export.pipeline_export`` and ``tfrec_recall.data.protocol``);
-these wrappers only move artifacts and record results in ML Metadata.
+The work is done by library functions (``tfrec_recall.training.tfx_trainer``, ``tfrec_recall.evaluation.blessing``,
+``tfrec_recall.export.pipeline_export`` and ``tfrec_recall.data.protocol``); these wrappers only move artifacts
+and record results in ML Metadata.
 
 * ``ProtocolSplit``: refuses to go on when ExampleValidator found anomalies (the error lists them), then splits
   the validated interactions by PROTOCOL.md with causal history in a Beam transform -> train / eval / test.

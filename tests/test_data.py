@@ -42,6 +42,8 @@ def test_ml100k_reader_parses_schema_and_features(tmp_path):
     assert data.user_features.loc["2", "gender"] == "F"
     assert data.user_features.loc["1", "age"] == 24.0
     assert data.feature_kinds["genres"] == "multi_categorical"
+    # Titles are display metadata, not a feature: the projector and printouts use them, the towers never see them.
+    assert data.item_titles.loc["2"] == "GoldenEye (1995)" and "title" not in data.item_features.columns
 
 
 def test_ml100k_rating_as_weight(tmp_path):

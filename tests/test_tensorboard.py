@@ -25,10 +25,10 @@ def test_projector_files_and_metadata_with_titles(tmp_path):
 
 def test_titles_fall_back_to_ids(small_data):
     ids = list(small_data.items[:3])
-    assert item_titles(small_data, ids) == ids  # the synthetic items have no title column
-    table = pd.DataFrame({"item_id": ["a", "b"], "title": ["Alpha", ""]}).set_index("item_id")
-    data = type(small_data)(small_data.interactions, item_features=table, feature_kinds={"title": "categorical"})
-    assert item_titles(data, ["a", "b", "zz"]) == ["Alpha", "b", "zz"]
+    assert item_titles(small_data, ids) == ids  # the synthetic items have no titles
+    titles = pd.Series(["Alpha", ""], index=pd.Index(["a", "b"], name="item_id"))
+    data = type(small_data)(small_data.interactions, item_titles=titles)
+    assert item_titles(data, ["a", "b", "zz"]) == ["Alpha", "b", "zz"]  # empty or unknown: the id
 
 
 def test_training_writes_scalars_and_projector_into_the_run(tmp_path, small_split):

@@ -165,8 +165,9 @@ def read_movielens_100k(data_dir, *, on_bad_rows: str = "error", rating_as_weigh
     kinds = {"age": "numeric", "gender": "categorical", "occupation": "categorical", "zip_region": "categorical",
              "genres": "multi_categorical", "decade": "categorical"}
     weight = cols["rating"] if rating_as_weight else None
+    titles = pd.Series([t.strip() for t in items["title"]], index=pd.Index(items[ITEM_ID], name=ITEM_ID))
     return InteractionData(_interactions(cols, weight), user_df, item_df, kinds, name="ml-100k",
-                           skipped_rows=skipped + s2 + s3)
+                           skipped_rows=skipped + s2 + s3, item_titles=titles)
 
 
 def read_movielens_1m(data_dir, *, on_bad_rows: str = "error", rating_as_weight: bool = False,
@@ -188,8 +189,9 @@ def read_movielens_1m(data_dir, *, on_bad_rows: str = "error", rating_as_weight:
     kinds = {"gender": "categorical", "age_group": "categorical", "occupation": "categorical",
              "zip_region": "categorical", "genres": "multi_categorical", "decade": "categorical"}
     weight = cols["rating"] if rating_as_weight else None
+    titles = pd.Series([t.strip() for t in movies["title"]], index=pd.Index(movies[ITEM_ID], name=ITEM_ID))
     return InteractionData(_interactions(cols, weight), user_df, item_df, kinds, name="ml-1m",
-                           skipped_rows=skipped + s2 + s3)
+                           skipped_rows=skipped + s2 + s3, item_titles=titles)
 
 
 def _movies_frame(movies: Mapping[str, list]) -> pd.DataFrame:

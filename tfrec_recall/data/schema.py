@@ -49,6 +49,9 @@ class InteractionData:
     feature_kinds: Dict[str, str] = dataclasses.field(default_factory=dict)
     name: str = "data"
     skipped_rows: int = 0
+    # Display names of items (e.g. movie titles), indexed by item_id: metadata for people (the TensorBoard
+    # projector, recommendation printouts), never a model feature.
+    item_titles: Optional[pd.Series] = None
 
     def __post_init__(self):
         validate_interactions(self.interactions, source=self.name)

@@ -32,11 +32,10 @@ def require_log_dir(log_dir) -> Optional[str]:
 
 
 def item_titles(data: InteractionData, ids: Sequence[str]) -> List[str]:
-    """The title of every id (the item table's ``title`` column), or the id itself when there is none."""
-    table = data.item_features
-    if table is None or "title" not in table.columns:
+    """The title of every id (``data.item_titles``), or the id itself when there is none."""
+    if data.item_titles is None:
         return [str(i) for i in ids]
-    titles = table["title"].reindex(list(ids))
+    titles = data.item_titles.reindex(list(ids))
     return [str(t) if isinstance(t, str) and t else str(i) for i, t in zip(ids, titles)]
 
 
