@@ -356,3 +356,18 @@ def test_bad_exclusions_name_the_argument(small_corpus):
         index(queries, k=5, exclude=tf.constant(["c1"] * 6))
     with pytest.raises(ValueError, match=r"exclude has 2 rows but there are 6 queries"):
         index(queries, k=5, exclude=[["c1"], ["c2"]])
+
+
+def test_every_retriever_implements_the_retriever_interface():
+    """Evaluation and recommend accept any Retriever: the indexes and the multi-query retriever are ones, and
+    report whether they are built and how many candidates they search."""
+    from tfrec_recall.retrievers import MultiQueryRetriever, Retriever
+    ids, embeddings = clustered_candidates(200, 8, seed=3)
+    for index in (BruteForce(max_k=5), IVF(max_k=5, num_lists=4, num_probes=4, target_recall=None)):
+        multi = MultiQueryRetriever(index)
+        assert isinstance(index, Retriever) and isinstance(multi, Retriever)
+        assert not index.is_built and not multi.is_built
+        index.index(ids, embeddings)
+        assert index.is_built and multi.is_built and index.corpus_size == multi.corpus_size == 200
+    with pytest.raises(TypeError, match="abstract"):
+        Retriever()

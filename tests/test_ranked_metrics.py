@@ -161,5 +161,5 @@ def test_evaluate_on_split_dict_and_dataset_agree_with_the_reference(tiny_model,
         evaluate(model, arrays, label_column="movie", candidates=(items, embeddings))
     with pytest.raises(ValueError, match=r"candidates is required when data is not a Split"):
         evaluate(model, arrays)
-    with pytest.raises(TypeError, match=r"retriever must be a TopKIndex .* got str"):
+    with pytest.raises(TypeError, match=r"retriever must be a Retriever .* got str"):
         evaluate(model, small_split, retriever="ivf")

@@ -23,9 +23,9 @@ from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.evaluation.ranked import check_ks
 from tfrec_recall.evaluation.retrieval import evaluate_retriever
 from tfrec_recall.features import feature_arrays
-from tfrec_recall.retrievers.base import TopKIndex
 from tfrec_recall.retrievers.brute_force import BruteForce
 from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
+from tfrec_recall.retrievers.protocol import Retriever
 
 
 def corpus_arrays(split: Split, specs) -> Dict[str, np.ndarray]:
@@ -79,12 +79,11 @@ def _indexed(retriever, ids: np.ndarray, embeddings: np.ndarray, depth: int):
                          "(a non-finite loss or embedding), not rankable")
     if retriever is None:
         return BruteForce(max_k=depth + 1).index(ids, embeddings)
-    if not isinstance(retriever, (TopKIndex, MultiQueryRetriever)):
-        raise TypeError(f"retriever must be a TopKIndex (BruteForce, IVF, ScaNN) or a MultiQueryRetriever, got "
+    if not isinstance(retriever, Retriever):
+        raise TypeError(f"retriever must be a Retriever (BruteForce, IVF, ScaNN, MultiQueryRetriever), got "
                         f"{type(retriever).__name__}")
-    index = retriever.index if isinstance(retriever, MultiQueryRetriever) else retriever
-    if index.ids is None:
-        index.index(ids, embeddings)
+    if not retriever.is_built:  # an unbuilt index (or the index inside a multi-query retriever) gets the corpus
+        (retriever.index if isinstance(retriever, MultiQueryRetriever) else retriever).index(ids, embeddings)
     return retriever
 
 

@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.evaluation.ranked import Block, check_ks, open_lists, ranked_list_metrics
-from tfrec_recall.retrievers.base import TopKIndex
 from tfrec_recall.retrievers.brute_force import BruteForce
-from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
+from tfrec_recall.retrievers.protocol import Retriever
 
 
 def evaluate_retriever(retriever, queries, positives: Sequence[Sequence[str]],
@@ -56,16 +55,15 @@ def evaluate_retriever(retriever, queries, positives: Sequence[Sequence[str]],
 
 def _check_retriever(retriever, depth: int) -> int:
     """The number of candidates of a built retriever whose ``max_k`` reaches ``depth``; errors name it."""
-    if not isinstance(retriever, (TopKIndex, MultiQueryRetriever)):
-        raise TypeError(f"retriever must be a TopKIndex (BruteForce, IVF, ScaNN) or a MultiQueryRetriever, got "
+    if not isinstance(retriever, Retriever):
+        raise TypeError(f"retriever must be a Retriever (BruteForce, IVF, ScaNN, MultiQueryRetriever), got "
                         f"{type(retriever).__name__}")
-    index = retriever.index if isinstance(retriever, MultiQueryRetriever) else retriever
-    if index.ids is None:
+    if not retriever.is_built:
         raise ValueError(f"retriever {type(retriever).__name__} is not built: call index(ids, embeddings) first")
     if retriever.max_k < depth:
         raise ValueError(f"retriever has max_k={retriever.max_k} but ks go up to {depth}: build it with "
                          f"max_k >= {depth}")
-    return index.num_candidates
+    return retriever.corpus_size
 
 
 def _rows(name: str, rows, n: int) -> List[list]:

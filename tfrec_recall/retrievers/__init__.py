@@ -6,8 +6,9 @@ from tfrec_recall.retrievers.base import (INDEX_FORMAT_VERSION, TopKIndex, check
 from tfrec_recall.retrievers.brute_force import BruteForce
 from tfrec_recall.retrievers.ivf import IVF, kmeans
 from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
+from tfrec_recall.retrievers.protocol import Retriever
 from tfrec_recall.retrievers.registry import index_class, index_names, register_index
 from tfrec_recall.retrievers.scann import ScaNN, ScaNNConfig
 
-__all__ = ["TopKIndex", "BruteForce", "IVF", "ScaNN", "ScaNNConfig", "MultiQueryRetriever", "kmeans", "INDEX_FORMAT_VERSION",
+__all__ = ["Retriever", "TopKIndex", "BruteForce", "IVF", "ScaNN", "ScaNNConfig", "MultiQueryRetriever", "kmeans", "INDEX_FORMAT_VERSION",
            "check_format_version", "check_saved_format_version", "index_class", "index_names", "register_index"]

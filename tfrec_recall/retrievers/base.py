@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrec_recall._validation import require_positive_int
+from tfrec_recall.retrievers.protocol import Retriever
 
 # The layout of a built index's state (variables and config). A saved index or config written with another
 # version is refused (check_format_version) instead of being misread; bump it when that layout changes.
@@ -46,7 +47,7 @@ def check_saved_format_version(restored) -> None:
     check_format_version(int(tf.convert_to_tensor(variable).numpy()), "the saved index")
 
 
-class TopKIndex(tf.keras.Model, metaclass=abc.ABCMeta):
+class TopKIndex(Retriever):
     """Base of the top-k indexes: subclasses implement ``_build_index`` and ``_search``. Built once, by
     :meth:`index`; the config (``get_config`` / ``from_config``) rebuilds an unbuilt index with the same
     parameters."""
@@ -58,6 +59,14 @@ class TopKIndex(tf.keras.Model, metaclass=abc.ABCMeta):
         self.index_format_version: Optional[tf.Variable] = None
         self.num_candidates = 0
         self.dimension = 0
+
+    @property
+    def is_built(self) -> bool:
+        return self.ids is not None
+
+    @property
+    def corpus_size(self) -> int:
+        return self.num_candidates
 
     # -- building ------------------------------------------------------------------------------------------
     def index(self, ids, embeddings) -> "TopKIndex":

@@ -25,10 +25,11 @@ import tensorflow as tf
 
 from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
 from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.protocol import Retriever
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class MultiQueryRetriever(tf.keras.Model):
+class MultiQueryRetriever(Retriever):
     def __init__(self, index: TopKIndex, per_query_k: Optional[int] = None, diversity: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(index, TopKIndex):
@@ -62,6 +63,14 @@ class MultiQueryRetriever(tf.keras.Model):
         return self
 
     # -- querying ------------------------------------------------------------------------------------------
+    @property
+    def is_built(self) -> bool:
+        return self.index.is_built
+
+    @property
+    def corpus_size(self) -> int:
+        return self.index.corpus_size
+
     def call(self, queries, k: Optional[int] = None, exclude=None, query_mask=None):
         k = self.max_k if k is None else require_positive_int("k", k)
         if k > self.max_k:
