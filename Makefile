@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@run=runs/demo-$$(date +%Y%m%d-%H%M%S); set -e; \
-	$(VENV)/bin/tfrec-recall train --dataset synthetic --model youtube_dnn_mixed --epochs 5 --out $$run; \
+	$(VENV)/bin/tfrec-recall train --dataset synthetic --epochs 5 --out $$run; \
 	$(VENV)/bin/tfrec-recall recommend --model-dir $$run --user-id u0 --user-id u1 --k 10; \
 	$(VENV)/bin/tfrec-recall export --model-dir $$run --index ivf --k 100 --export-dir-base $$run/export
 

@@ -4,7 +4,7 @@
 
 1. Trains the default preset (``tfrec_recall.config.DEFAULT_PRESET``, the configuration selected on validation,
    with its own epochs and early stopping on validation HR@50) on ML-100K, leave-last-out.
-2. Offline: ``tfrec_recall.train.evaluate`` on the test rows (exact, full corpus, the user's training items
+2. Offline: ``tfrec_recall.evaluate`` on the test rows (exact, full corpus, the user's training items
    excluded, tie-aware expected ranks).
 3. Served: exports with each index of ``INDEXES`` (``export.make_index``), loads each
    with ``tf.saved_model.load`` and calls its ``serve_with_exclusions`` signature on the same test users with
@@ -153,7 +153,7 @@ def report(results: dict, command: str) -> str:
              f"Default preset `{results['preset']}` (selected on validation), trained with its early stopping "
              f"(best epoch {results['best_epoch']} of {results['epochs_run']}); {results['test_users']} test users, "
              f"{results['candidates']} candidates, exports with k = {results['k']}. Offline = "
-             "`tfrec_recall.train.evaluate` (exact, full corpus, training items excluded, expected rank under "
+             "`tfrec_recall.evaluate` (exact, full corpus, training items excluded, expected rank under "
              "random tie-breaking). Served = the SavedModel loaded with `tf.saved_model.load`, HR@K from its "
              "top-k list; `serve_with_exclusions` gets each user's full training history as `exclude_item_ids`.",
              "", "| path | " + " | ".join(f"HR@{k}" for k in KS) + " | " + " | ".join(f"Δ HR@{k}" for k in KS)
