@@ -53,11 +53,11 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
     if log_dir is not None and not tf.io.gfile.isdir(str(log_dir)):
         raise FileNotFoundError(f"log_dir {str(log_dir)!r} is not a directory (the log_dir given to train)")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if tf.io.gfile.isdir(str(out)) and tf.io.gfile.listdir(str(out)):
         raise FileExistsError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
-    if out.exists():
-        out.rmdir()  # empty (checked above): the rename needs the name free
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if tf.io.gfile.isdir(str(out)):
+        tf.io.gfile.rmtree(str(out))  # empty (checked above): the rename needs the name free
+    tf.io.gfile.makedirs(str(out.parent))
     with atomic_directory(out) as tmp:
         model = result.model
         (tmp / "config.yaml").write_text(yaml.safe_dump({"config": config.to_dict(), "dataset": dict(dataset_args)},
