@@ -41,6 +41,7 @@ import tfrec_recall
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.features.specs import HISTORY, SequenceFeature
 from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
+from tfrec_recall.retrievers.tuning import DEFAULT_TARGET_RECALL
 from tfrec_recall._validation import require_int, require_positive_int
 
 OUTPUT_IDS = "item_ids"
@@ -59,9 +60,9 @@ logger = logging.getLogger(__name__)
 # make_index gives exact search (BruteForce) for an approximate index (ivf, scann) asked for with default sizes
 # over fewer candidates than this. Measured in benchmarks/ann_recall.py (results/ann_recall.md, "Fallback
 # threshold"): the smallest corpus size at which both approximate indexes, tuned to recall 0.95 at k=100, answered
-# a single query at least twice as fast (p50) as BruteForce in the same process.
+# a single query at least twice as fast (p50) as BruteForce in the same process (a run under lighter load; the
+# committed run's latencies are noisy, see the .md).
 EXACT_SEARCH_BELOW = 100_000
-DEFAULT_TARGET_RECALL = 0.95
 
 
 def input_signature(tower) -> Dict[str, tf.TensorSpec]:
