@@ -27,13 +27,11 @@ from __future__ import annotations
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
-from tfrec_recall.data.schema import ITEM_ID
-from tfrec_recall.features import feature_arrays
+from tfrec_recall.evaluation.evaluate import corpus_arrays
 from tfrec_recall.layers.towers import model_base_config
 from tfrec_recall.retrievers.base import TopKIndex
 from tfrec_recall.retrievers.registry import index_class
@@ -267,6 +265,5 @@ def index_split_corpus(model: RetrievalModel, split, index: Union[str, TopKIndex
     """Indexes every item of ``split.data`` (sorted ids, their raw candidate features) with ``model``'s
     candidate embeddings: what ``training.train`` does after fitting, so ``train(...).model.recommend``
     answers."""
-    items = split.data.items
-    features = feature_arrays(pd.DataFrame({ITEM_ID: items}), split.data, model.candidate_feature_specs())
-    return model.index_candidates(np.asarray(items).astype(str), features, index=index, max_k=max_k)
+    features = corpus_arrays(split, model.candidate_feature_specs())
+    return model.index_candidates(np.asarray(split.data.items).astype(str), features, index=index, max_k=max_k)
