@@ -30,57 +30,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
+from tfrec_recall._validation import require_positive_int
 from tfrec_recall.evaluation.evaluate import corpus_arrays
 from tfrec_recall.layers.towers import model_base_config
 from tfrec_recall.retrievers.base import TopKIndex
 from tfrec_recall.retrievers.registry import index_class
+from tfrec_recall.tasks.auxiliary import AlignmentLoss, AuxiliaryLoss, dedupe_specs  # noqa: F401  (re-exported)
 
 RESERVED_LOG_NAMES = ("loss", "retrieval_loss", "regularization_loss")
 _serialize = tf.keras.utils.serialize_keras_object
 _deserialize = tf.keras.utils.deserialize_keras_object
-
-
-@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class AuxiliaryLoss(tf.keras.layers.Layer):
-    """Base of the auxiliary losses: ``call(features, query_embeddings, candidate_embeddings, training)`` ->
-    a scalar, added to the model's loss times ``weight`` (a finite number >= 0) and logged under the layer's
-    ``name``. ``features`` is the raw batch; the embeddings are the towers' outputs for it ([B, d] each)."""
-
-    def __init__(self, weight: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.weight = require_finite_nonnegative("weight", weight)
-
-    def call(self, features, query_embeddings, candidate_embeddings, training=False):
-        raise NotImplementedError(f"{type(self).__name__} must implement call(features, query_embeddings, "
-                                  "candidate_embeddings, training)")
-
-    def get_config(self):
-        return {**super().get_config(), "weight": self.weight}
-
-
-@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
-class AlignmentLoss(AuxiliaryLoss):
-    """Alignment of positive pairs (Wang & Isola 2020, "Understanding Contrastive Representation Learning
-    through Alignment and Uniformity on the Hypersphere", eq. 4): the mean over the batch of
-    ``||f(x_i) - f(y_i)||_2 ** alpha`` between each query embedding and its positive candidate's embedding.
-    ``alpha`` > 0 (the paper's default 2). It pulls the two towers' outputs of a positive pair together, as
-    DAT's adaptive-mimic term does per pair."""
-
-    def __init__(self, weight: float = 1.0, alpha: float = 2.0, **kwargs):
-        super().__init__(weight=weight, **kwargs)
-        if require_finite_nonnegative("alpha", alpha) == 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        self.alpha = float(alpha)
-
-    def call(self, features, query_embeddings, candidate_embeddings, training=False):
-        difference = query_embeddings - tf.cast(candidate_embeddings, query_embeddings.dtype)
-        squared = tf.reduce_sum(tf.square(difference), axis=-1)
-        # ||d||^alpha = (||d||^2)^(alpha / 2); the floor keeps the gradient finite at d = 0 for alpha < 2.
-        return tf.reduce_mean(tf.pow(tf.maximum(squared, 1e-12), self.alpha / 2.0))
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha}
 
 
 class _Untracked:
@@ -128,6 +87,7 @@ class RetrievalModel(tfrs.Model):
         if loss.name in taken:
             raise ValueError(f"auxiliary loss name {loss.name!r} is already used by a logged value "
                              f"({sorted(taken)}); give the layer another name")
+        loss.attach(self)
         self.auxiliary_losses.append(loss)
         self._untracked.trackers[loss.name] = tf.keras.metrics.Mean(name=loss.name)
         self.train_function = self.test_function = None  # the compiled steps are traced again with it
@@ -153,6 +113,16 @@ class RetrievalModel(tfrs.Model):
     def candidate_feature_specs(self) -> list:
         """The feature specs of the raw candidate features :meth:`embed_candidates` reads."""
         raise NotImplementedError(f"{type(self).__name__} must implement candidate_feature_specs()")
+
+    def query_feature_specs(self) -> list:
+        """The feature specs of the raw query features ``call`` reads."""
+        raise NotImplementedError(f"{type(self).__name__} must implement query_feature_specs()")
+
+    def training_feature_specs(self) -> list:
+        """Every raw feature a training batch carries: the query and candidate features, then those the
+        auxiliary losses read (:meth:`AuxiliaryLoss.feature_specs`), each name once."""
+        extra = [spec for loss in self.auxiliary_losses for spec in loss.feature_specs()]
+        return dedupe_specs(self.query_feature_specs() + self.candidate_feature_specs() + extra)
 
     # -- losses and steps ----------------------------------------------------------------------------------
     def compute_losses(self, features, training=False) -> Dict[str, tf.Tensor]:

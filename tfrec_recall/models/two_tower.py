@@ -125,6 +125,9 @@ class TwoTower(RetrievalModel):
     def candidate_feature_specs(self) -> list:
         return list(self.candidate_tower.encoder.specs)
 
+    def query_feature_specs(self) -> list:
+        return list(self.query_tower.encoder.specs)
+
     def retrieval_loss(self, features, query_embeddings, candidate_embeddings, training=False):
         query, candidate = query_embeddings, candidate_embeddings
         ids = features[self.item_id_feature]

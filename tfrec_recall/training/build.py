@@ -65,5 +65,5 @@ def make_optimizer(config: RunConfig):
 
 def training_arrays(model: TwoTower, split: Split) -> Dict[str, np.ndarray]:
     """Raw features of the training rows for both towers, plus the model's sample-weight column if it names one."""
-    specs = model.query_tower.encoder.specs + model.candidate_tower.encoder.specs
-    return feature_arrays(split.train, split.data, specs, weight_column=model.weight_feature)
+    return feature_arrays(split.train, split.data, model.training_feature_specs(),
+                          weight_column=model.weight_feature)
