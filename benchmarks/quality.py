@@ -50,7 +50,27 @@ FAMILIES = [
     ("YouTubeDNN, mixed negatives + logQ", "youtube_dnn", {**MIXED, **LOGQ, "pooling": "recency"},
      {"learning_rate": [0.001, 0.003], "temperature": [0.05, 0.1]}),
 ]
+# The two-tower options (issue 11), each on the configuration chosen on validation above (the default preset,
+# youtube_dnn_mixed), with the papers' default settings or a small grid searched on validation. Their runs also
+# measure segments (tail items, genres, recent items): the baseline row is the preset itself.
+BEST = "youtube_dnn_mixed"
+OPTION_FAMILIES = [
+    ("Baseline: youtube_dnn_mixed", BEST, {}, {}),
+    ("+ DAT (adaptive mimic)", BEST, {"dat": True}, {}),
+    ("+ DAT + category alignment", BEST, {"dat": True, "category_feature": "genres"},
+     {"category_alignment_weight": [100.0, 10000.0]}),
+    ("+ contrastive (SSL, CFM)", BEST, {"contrastive_weight": 0.3}, {}),
+    ("+ Example Age", BEST, {"example_age": True}, {}),
+    ("+ parallel towers (cross, FM, CIN; concat)", BEST,
+     {"query_tower": "parallel", "candidate_tower": "parallel", "parallel_branches": ["cross", "fm", "cin"]}, {}),
+    ("+ parallel towers (cross, FM, CIN; SENet gate)", BEST,
+     {"query_tower": "parallel", "candidate_tower": "parallel", "parallel_branches": ["cross", "fm", "cin"],
+      "parallel_combine": "senet"}, {}),
+    ("+ distillation (cross-feature teacher)", BEST, {"distillation_weight": 1.0}, {}),
+]
 COLUMNS = ["HR@10", "HR@50", "HR@100", "NDCG@10", "MRR", "Coverage@100"]
+TAIL_SHARE = 0.8  # the tail: the 80 % least frequent items in training
+RECENT_SHARE = 0.2  # recent items: first seen in training in the last 20 % of its time span
 
 
 def grid_points(grid: Dict[str, list]) -> List[dict]:
@@ -73,8 +93,8 @@ class RunLog:
 
     def get(self, *key):
         wanted = self.key(*key)
-        return next((r for r in self.runs if self.key(r["row"], r["overrides"], r["seed"], r["max_epochs"]) == wanted),
-                    None)
+        return next((r for r in reversed(self.runs)  # the newest: a rerun may add measurements
+                     if self.key(r["row"], r["overrides"], r["seed"], r["max_epochs"]) == wanted), None)
 
     def add(self, record):
         self.runs.append(record)
@@ -82,9 +102,35 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
 
 
-def run(log: RunLog, split, row, preset, overrides, seed, max_epochs):
+def segment_items(split) -> Dict[str, list]:
+    """Item sets measured separately: ``tail`` (the TAIL_SHARE least frequent in training, ties by id),
+    ``recent`` (first trained on in the last RECENT_SHARE of the training time span) and ``genre:<g>``."""
+    train = split.train
+    counts = train["item_id"].value_counts().reindex(split.data.items, fill_value=0)
+    ordered = sorted(counts.index, key=lambda i: (counts[i], i))
+    first = train.groupby("item_id")["timestamp"].min()
+    start, end = train["timestamp"].min(), train["timestamp"].max()
+    out = {"tail": ordered[:int(round(TAIL_SHARE * len(ordered)))],
+           "recent": list(first.index[first >= end - RECENT_SHARE * (end - start)])}
+    genres = split.data.item_features["genres"] if split.data.item_features is not None else None
+    for genre in sorted({g for t in (genres if genres is not None else []) for g in t}):
+        out[f"genre:{genre}"] = [i for i, t in genres.items() if genre in t]
+    return out
+
+
+def segment_metrics(model, split, segments) -> Dict[str, float]:
+    """Test HR@50 of the held-out items in each segment (ranked against the whole corpus)."""
+    from tfrec_recall.evaluation.evaluate import evaluate
+    out = {}
+    for name, items in segments.items():
+        if split.test["item_id"].isin(set(items)).any():
+            out[name] = evaluate(model, split, "test", ks=(50,), positives_in=items)["HR@50"]
+    return out
+
+
+def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=None):
     done = log.get(row, overrides, seed, max_epochs)
-    if done is not None:
+    if done is not None and (segments is None or "segments" in done):
         return done
     from tfrec_recall import training
     config = load_config(preset, overrides={**overrides, "seed": seed, "epochs": max_epochs, "patience": 3,
@@ -95,19 +141,22 @@ def run(log: RunLog, split, row, preset, overrides, seed, max_epochs):
               "best_epoch": result.best_epoch, "epochs_run": len(result.history["loss"]),
               "valid": result.valid_metrics, "test": result.metrics,
               "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - start}
+    if segments is not None:
+        record["segments"] = segment_metrics(result.model, split, segments)
     log.add(record)
     print(f"  {row} {overrides} seed {seed}: valid {SELECTION} {record['valid'][SELECTION]:.4f} "
           f"(best epoch {record['best_epoch']} of {record['epochs_run']}, {record['wall_seconds']:.0f} s)", flush=True)
     return record
 
 
-def select(log, split, family, max_epochs) -> dict:
+def select(log, split, family, max_epochs, segments=None) -> dict:
     """The grid point with the best validation metric (seed 0); test metrics are not read."""
     row, preset, fixed, grid = family
     scored = []
     for point in grid_points(grid):
         overrides = {**fixed, **point}
-        scored.append((run(log, split, row, preset, overrides, 0, max_epochs)["valid"][SELECTION], overrides))
+        record = run(log, split, row, preset, overrides, 0, max_epochs, segments)
+        scored.append((record["valid"][SELECTION], overrides))
     return max(scored, key=lambda s: s[0])[1]
 
 
@@ -135,20 +184,70 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = RunLog(out.parent / "quality_runs.jsonl", args.fresh)
-    rows = []
-    for family in FAMILIES:
+    rows, options = [], []
+    segments = segment_items(split)
+    for family in FAMILIES + OPTION_FAMILIES:
         if args.only and not any(o.lower() in family[0].lower() for o in args.only):
             continue
+        measure = segments if family in OPTION_FAMILIES else None
         print(f"{family[0]}: selecting on validation", flush=True)
-        chosen = select(log, split, family, args.max_epochs)
-        records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs) for seed in SEEDS]
+        chosen = select(log, split, family, args.max_epochs, measure)
+        records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs, measure) for seed in SEEDS]
         rows.append({"name": family[0], "preset": family[1], "overrides": chosen, "grid": family[3],
                      "summary": summarize(records)})
+        if measure is not None:
+            options.append({**rows[-1], "segments": summarize_segments(records)})
+    if options:
+        write_options_report(options, segments, split, out.parent / "options_ml100k")
     from tfrec_recall.evaluation.baselines import most_popular_metrics
     rows.insert(0, {"name": "Most popular (reference)", "overrides": None,
                     "valid": most_popular_metrics(split, "valid"), "test": most_popular_metrics(split, "test")})
     write_report(rows, split, args, out)
     return 0
+
+
+def summarize_segments(records) -> dict:
+    names = sorted(set.intersection(*(set(r["segments"]) for r in records)))
+    return {n: (float(np.mean([r["segments"][n] for r in records])),
+                float(np.std([r["segments"][n] for r in records], ddof=1))) for n in names}
+
+
+def _relative(value, base) -> str:
+    return f"{100 * (value / base - 1):+.1f} %" if base > 0 else "-"
+
+
+def write_options_report(options, segments, split, out: Path) -> None:
+    """Tail / recent-item HR@50 of each option against the baseline row, and HR@50 on the 5 genres with the
+    fewest items (MovieLens's small genres), with and without category alignment."""
+    base = options[0]["segments"] if options[0]["name"].startswith("Baseline") else None
+    lines = ["| configuration | test HR@50 | tail HR@50 | tail vs baseline | recent HR@50 | recent vs baseline |",
+             "|---|---|---|---|---|---|"]
+    for r in options:
+        seg, hr = r["segments"], r["summary"]["HR@50"]
+        vs = {k: _relative(seg[k][0], base[k][0]) if base else "-" for k in ("tail", "recent")}
+        lines.append(f"| {r['name']} | {hr[0]:.3f} ± {hr[1]:.3f} | {seg['tail'][0]:.3f} ± {seg['tail'][1]:.3f} | "
+                     f"{vs['tail']} | {seg['recent'][0]:.3f} ± {seg['recent'][1]:.3f} | {vs['recent']} |")
+    sizes = {k[len("genre:"):]: len(v) for k, v in segments.items() if k.startswith("genre:")}
+    small = [g for g in sorted(sizes, key=lambda g: (sizes[g], g)) if f"genre:{g}" in options[0]["segments"]][:5]
+    genre_lines = ["| configuration | overall HR@50 | " + " | ".join(f"{g} ({sizes[g]} items)" for g in small) + " |",
+                   "|---|---|" + "---|" * len(small)]
+    for r in options:
+        seg = r["segments"]
+        genre_lines.append(f"| {r['name']} | {r['summary']['HR@50'][0]:.3f} | " + " | ".join(
+            f"{seg[f'genre:{g}'][0]:.3f} ± {seg[f'genre:{g}'][1]:.3f}" if f"genre:{g}" in seg else "-"
+            for g in small) + " |")
+    tail, recent = len(segments["tail"]), len(segments["recent"])
+    text = ("# Two-tower options on MovieLens 100K: tail, recent items and small genres\n\n"
+            f"Each option on the default preset `{BEST}` (chosen on validation in quality_ml100k.md); test HR@50 "
+            "as mean ± sd over seeds 0, 1, 2, each held-out item ranked against the whole corpus (training items "
+            f"excluded). Tail = the {TAIL_SHARE:.0%} least frequent items in training ({tail} items); recent = items "
+            f"first seen in the last {RECENT_SHARE:.0%} of the training time span ({recent} items). A segment's HR "
+            "counts only the test users whose held-out item is in it.\n\nCommand: `make benchmark` "
+            "(= `.venv/bin/python benchmarks/quality.py`).\n\n" + "\n".join(lines)
+            + "\n\n## The 5 genres with the fewest items\n\n" + "\n".join(genre_lines) + "\n")
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(options, indent=2))
+    print(text)
 
 
 def _cell(summary, key):

@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, help="override the configuration's learning_rate")
     train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping "
                                                     "(the best epoch is kept); 0 trains every epoch")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                       help="override one configuration key (a YAML value), e.g. --set dat=true --set "
+                            "category_alignment_weight=100 --set parallel_branches=[cross,fm]; repeatable, "
+                            "applied after --config and the flags")
     train.add_argument("--out", required=True, help="output directory (must be new or empty)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -120,6 +124,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_settings(settings) -> dict:
+    """``--set KEY=VALUE`` arguments as configuration overrides, each value parsed as YAML (``true``, ``100``,
+    ``[cross, fm]``, ``null``)."""
+    import yaml
+    out = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set must be KEY=VALUE, got {setting!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not a YAML value") from None
+    return out
+
+
 def _print_metrics(metrics, title: str) -> None:
     print(title)
     keys = [k for k in metrics if k != "users"]
@@ -131,6 +151,7 @@ def _train(args) -> int:
         raise ConfigError(f"--history-length must be >= 1, got {args.history_length}")
     overrides = {"history_length": args.history_length}
     overrides.update({key: getattr(args, key) for key in TRAIN_FLAGS.values() if getattr(args, key) is not None})
+    overrides.update(parse_settings(args.settings))
     try:
         config = load_config(args.model, args.config, overrides)
     except ConfigError as error:  # name the flag the user typed, not only the configuration key
@@ -217,7 +238,7 @@ def _export(args) -> int:
     split = split_from_args(_dataset_args(run.dataset, args.data_dir))
     rows = split.test.head(3)
     if len(rows):
-        features = feature_arrays(rows, split.data, run.query_tower.encoder.specs)
+        features = feature_arrays(rows, split.data, run.query_tower.serving_specs)
         tensors = {name: tf.constant(value) for name, value in features.items()}
         if args.index == "scann":
             import scann  # noqa: F401  (registers the ScaNN ops for loading)

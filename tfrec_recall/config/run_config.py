@@ -58,6 +58,32 @@ class RunConfig:
     ks: Tuple[int, ...] = (10, 50, 100)
     # The column of the interactions holding each training example's sample weight (None: unweighted)
     weight_column: Optional[str] = None
+    # Example Age (Covington et al. 2016): the training example's age as a query feature, 0 at serving time
+    example_age: bool = False
+    # Parallel towers (query_tower / candidate_tower "parallel"): interaction branches beside the DNN, and how
+    # the branches' outputs are combined (concat or a SENet gate)
+    parallel_branches: Tuple[str, ...] = ("cross",)
+    parallel_combine: str = "concat"
+    # DAT (Yu et al. 2021): augmented vectors of these ids in each tower, adaptive-mimic weights lambda_u, lambda_v
+    dat: bool = False
+    dat_query_feature: str = "user_id"
+    dat_candidate_feature: str = "item_id"
+    dat_query_weight: float = 1.0
+    dat_candidate_weight: float = 1.0
+    # DAT's category alignment loss (lambda_c > 0 switches it on) over the item feature category_feature
+    category_alignment_weight: float = 0.0
+    category_feature: Optional[str] = None
+    # Self-supervised contrastive loss of the item tower (Yao et al. 2021; alpha > 0 switches it on)
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    contrastive_batch_size: int = 256
+    contrastive_dropout: float = 0.1
+    contrastive_masking: str = "correlated"
+    # Distillation from a cross-feature ranking teacher trained on the same data (weight > 0 switches it on)
+    distillation_weight: float = 0.0
+    distillation_temperature: float = 1.0
+    distillation_candidates: int = 64
+    teacher_epochs: int = 3
     # Model selection on the validation split: early stopping with best-epoch restore
     selection_metric: str = "HR@50"
     patience: int = 3  # epochs without improvement before stopping; 0 trains all epochs and keeps the last
@@ -78,6 +104,10 @@ class RunConfig:
                 need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                      f.name, value, "must be a finite number")
                 setattr(self, f.name, float(value))
+            elif f.type == "Tuple[str, ...]":
+                need(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), f.name, value,
+                     "must be a list of names")
+                setattr(self, f.name, tuple(value))
             elif f.type == "Tuple[int, ...]":
                 need(isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
                                                              and v > 0 for v in value), f.name, value,
@@ -108,10 +138,40 @@ class RunConfig:
         need(self.weight_column is None or (isinstance(self.weight_column, str) and self.weight_column),
              "weight_column", self.weight_column, "must be null or a column name")
         need(len(self.ks) > 0, "ks", self.ks, "must list at least one cut-off")
+        self._check_options(need)
         name, _, k = str(self.selection_metric).partition("@")
         need(name in SELECTION_METRICS and k.isdigit() and int(k) in self.ks, "selection_metric",
              self.selection_metric, f"must be one of {SELECTION_METRICS} at a cut-off in ks {list(self.ks)}, "
              "e.g. 'HR@50'")
+
+    def _check_options(self, need) -> None:
+        """The two-tower options of issue 11: weights >= 0, and each option's prerequisites."""
+        from tfrec_recall.layers.towers.parallel import BRANCH_COMBINES, PARALLEL_BRANCHES
+        for key in ("dat_query_weight", "dat_candidate_weight", "category_alignment_weight", "contrastive_weight",
+                    "distillation_weight"):
+            need(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        for key in ("contrastive_temperature", "distillation_temperature"):
+            need(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        need(len(self.parallel_branches) > 0 and set(self.parallel_branches) <= set(PARALLEL_BRANCHES)
+             and len(set(self.parallel_branches)) == len(self.parallel_branches), "parallel_branches",
+             list(self.parallel_branches), f"must be distinct names from {list(PARALLEL_BRANCHES)}")
+        need(self.parallel_combine in BRANCH_COMBINES, "parallel_combine", self.parallel_combine,
+             f"must be one of {list(BRANCH_COMBINES)}")
+        need(self.category_alignment_weight == 0 or self.category_feature, "category_feature",
+             self.category_feature, "category_alignment_weight > 0 needs an item feature naming each item's "
+             "category (e.g. genres)")
+        need(self.contrastive_weight == 0 or self.use_side_features, "contrastive_weight", self.contrastive_weight,
+             "the contrastive loss masks item features to make two views: it needs use_side_features: true")
+        need(self.contrastive_masking in ("correlated", "random"), "contrastive_masking", self.contrastive_masking,
+             "must be 'correlated' or 'random'")
+        need(0 <= self.contrastive_dropout < 1, "contrastive_dropout", self.contrastive_dropout, "must be in [0, 1)")
+        for key in ("contrastive_batch_size", "distillation_candidates", "teacher_epochs"):
+            need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        for key in ("dat_query_feature", "dat_candidate_feature"):
+            need(isinstance(getattr(self, key), str) and getattr(self, key), key, getattr(self, key),
+                 "must be a feature name")
+        need(self.category_feature is None or (isinstance(self.category_feature, str) and self.category_feature),
+             "category_feature", self.category_feature, "must be null or an item feature name")
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)

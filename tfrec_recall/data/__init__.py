@@ -3,7 +3,8 @@ from tfrec_recall.data.readers import (read_csv, read_movielens_100k, read_movie
                                        read_parquet)
 from tfrec_recall.data.schema import DataError, InteractionData
 from tfrec_recall.data.split import Split, leave_last_out, random_split
+from tfrec_recall.data.drifting import make_drifting
 from tfrec_recall.data.synthetic import make_synthetic
 
-__all__ = ["DataError", "InteractionData", "Split", "leave_last_out", "random_split", "make_synthetic",
+__all__ = ["DataError", "InteractionData", "Split", "leave_last_out", "random_split", "make_synthetic", "make_drifting",
            "read_csv", "read_parquet", "read_movielens_100k", "read_movielens_1m", "read_movielens_latest"]

@@ -11,7 +11,7 @@ column ``label_column`` (1-D, or 2-D padded with ``""`` for several positives) a
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -35,12 +35,16 @@ def corpus_arrays(split: Split, specs) -> Dict[str, np.ndarray]:
 
 def evaluate(model, data, which: str = "test", ks: Sequence[int] = (10, 50, 100), progress: bool = False, *,
              retriever=None, label_column: str = ITEM_ID, exclude_column: Optional[str] = None,
-             candidates=None) -> Dict[str, float]:
+             candidates=None, positives_in: Optional[Collection[str]] = None) -> Dict[str, float]:
     """PROTOCOL.md metrics of ``model`` (with ``query_tower`` / ``candidate_tower``) on ``data``: a Split's
-    ``which`` rows ("valid" or "test"), or a ``tf.data.Dataset`` / dict of arrays (see the module docstring)."""
+    ``which`` rows ("valid" or "test"), or a ``tf.data.Dataset`` / dict of arrays (see the module docstring).
+    ``positives_in`` (Split only) measures a segment: the held-out items in that set of item ids (e.g. the
+    tail, a genre), still ranked against the whole corpus."""
     if isinstance(data, Split):
         return evaluate_towers(model.query_tower, model.candidate_tower, data, which, ks, progress,
-                               retriever=retriever)
+                               retriever=retriever, positives_in=positives_in)
+    if positives_in is not None:
+        raise ValueError("positives_in applies to a Split's rows; filter the rows of a dataset yourself")
     features, positives, exclude = query_rows(data, label_column, exclude_column)
     ids, embeddings = candidate_embeddings(model.candidate_tower, candidates)
     queries = embed(model.query_tower, _tower_inputs(model.query_tower, features, "data"))
@@ -49,16 +53,23 @@ def evaluate(model, data, which: str = "test", ks: Sequence[int] = (10, 50, 100)
 
 
 def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "test",
-                    ks: Sequence[int] = (10, 50, 100), progress: bool = False, *, retriever=None) -> Dict[str, float]:
+                    ks: Sequence[int] = (10, 50, 100), progress: bool = False, *, retriever=None,
+                    positives_in: Optional[Collection[str]] = None) -> Dict[str, float]:
     """Metrics of the split's ``which`` users: one query per user, its held-out items as positives (several
-    with a random split), its training items excluded."""
+    with a random split), its training items excluded; with ``positives_in``, only held-out items in that set
+    count (users with none are left out)."""
     if which not in ("valid", "test"):
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
     rows = getattr(split, which)
+    if positives_in is not None:
+        rows = rows[rows[ITEM_ID].isin(set(map(str, positives_in)))]
+        if rows.empty:
+            raise ValueError(f"positives_in: none of the {which} rows' items is in the given set "
+                             f"({len(set(positives_in))} ids)")
     positives_by_user = rows.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
     users = rows.drop_duplicates(USER_ID).reset_index(drop=True)
-    embeddings = embed(candidate_tower, corpus_arrays(split, candidate_tower.encoder.specs))
-    queries = embed(query_tower, feature_arrays(users, split.data, query_tower.encoder.specs))
+    embeddings = embed(candidate_tower, corpus_arrays(split, candidate_tower.input_specs))
+    queries = embed(query_tower, feature_arrays(users, split.data, query_tower.input_specs))
     positives = [positives_by_user[u] for u in users[USER_ID]]
     exclude = [split.train_items.get(u, []) for u in users[USER_ID]]
     index = _indexed(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)))

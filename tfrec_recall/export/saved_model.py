@@ -66,11 +66,12 @@ EXACT_SEARCH_BELOW = 100_000
 
 
 def input_signature(tower) -> Dict[str, tf.TensorSpec]:
-    return {spec.name: spec.tensor_spec() for spec in tower.encoder.specs}
+    """The serving inputs: every raw input of the tower but those the model fills in (the example age)."""
+    return {spec.name: spec.tensor_spec() for spec in tower.serving_specs}
 
 
 def example_parse_spec(tower) -> Dict[str, tf.io.FixedLenFeature]:
-    return {spec.name: spec.parse_spec() for spec in tower.encoder.specs}
+    return {spec.name: spec.parse_spec() for spec in tower.input_specs}
 
 
 class RetrievalModule(tf.Module):
@@ -83,7 +84,7 @@ class RetrievalModule(tf.Module):
         self.k = k
         self.history_feature = None
         if exclude_history:
-            sequences = [s.name for s in query_tower.encoder.specs if isinstance(s, SequenceFeature)]
+            sequences = [s.name for s in query_tower.input_specs if isinstance(s, SequenceFeature)]
             self.history_feature = HISTORY if HISTORY in sequences else (sequences[0] if sequences else None)
         self._parse_spec = example_parse_spec(query_tower)
         signature = input_signature(query_tower)

@@ -68,9 +68,14 @@ class FeatureEncoder(tf.keras.layers.Layer):
         return tf.where(tf.equal(values, ""), tf.zeros_like(values, tf.int64), self._lookups[spec.name](values) + 1)
 
     def _input(self, inputs: Mapping[str, tf.Tensor], spec: FeatureSpec) -> tf.Tensor:
-        if spec.name not in inputs:
+        if spec.name in inputs:
+            return tf.convert_to_tensor(inputs[spec.name])
+        present = [s.name for s in self.specs if s.name in inputs]
+        if spec.serving_default is None or not present:
             raise KeyError(f"input feature {spec.name!r} is missing; got {sorted(inputs)}")
-        return tf.convert_to_tensor(inputs[spec.name])
+        # An input the model fills in at serving time (e.g. the example age, 0): one value per example.
+        batch = tf.shape(tf.convert_to_tensor(inputs[present[0]]))[0]
+        return tf.fill([batch], tf.constant(spec.serving_default, spec.dtype))
 
     def sequence(self, inputs: Mapping[str, tf.Tensor], name: str):
         """The unpooled embeddings of list feature ``name``: ``([batch, max_len, d], mask [batch, max_len])``,

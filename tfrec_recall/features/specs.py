@@ -28,6 +28,7 @@ import tensorflow as tf
 from tfrec_recall._validation import require_int
 
 HISTORY = "history"
+EXAMPLE_AGE = "example_age"
 POOLINGS = ("mean", "recency")
 _FEATURE_KINDS: Dict[str, type] = {}  # written only by register_feature_kind
 S = TypeVar("S", bound=type)
@@ -72,6 +73,7 @@ class FeatureSpec:
     kind = "base"
     dtype = tf.string  # of the raw input
     table_kind = None  # the InteractionData.feature_kinds value this kind embeds, if any
+    serving_default = None  # a value the model fills in when the input is absent (then not a serving input)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -125,6 +127,11 @@ class FeatureSpec:
     def raw_array(self, column: pd.Series) -> np.ndarray:
         """The raw input array for a column of values (missing -> the missing value)."""
         return column.fillna("").astype(str).to_numpy(dtype=object)
+
+    def training_array(self, rows: pd.DataFrame) -> Optional[np.ndarray]:
+        """The raw input of training ``rows`` when it is derived from them rather than read from a column
+        (``None``: read as at serving time)."""
+        return None
 
     @classmethod
     def from_column(cls, name: str, values: pd.Series, embedding_dim: int) -> "FeatureSpec":
@@ -238,6 +245,51 @@ class NumericFeature(FeatureSpec):
         v = v[np.isfinite(v)]
         return cls(name, mean=float(v.mean()) if len(v) else 0.0,
                    variance=float(v.var()) if len(v) and v.var() > 0 else 1.0)
+
+
+@register_feature_kind
+@dataclasses.dataclass(frozen=True)
+class ExampleAgeFeature(NumericFeature):
+    """The age of a training example (Covington et al. 2016, "Deep Neural Networks for YouTube
+    Recommendations", sec. 3.3 "Example Age"): ``(reference_time - timestamp) / time_unit``, clipped at 0, where
+    ``reference_time`` is the latest timestamp of the training data. A query-side feature: training rows carry
+    their age, and at serving time it is 0 (``serving_default``): the model fills it in, so it is not a serving
+    input, and evaluation queries are asked "now" as served ones are. ``mean`` / ``variance`` standardise the
+    ages of the training rows."""
+    reference_time: float = 0.0
+    time_unit: float = 86400.0
+    kind = "example_age"
+    table_kind = None  # derived from the interaction timestamps, not read from a side table
+    serving_default = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not np.isfinite(self.reference_time):
+            raise ValueError(f"{self.name}.reference_time must be finite, got {self.reference_time!r}")
+        if not (np.isfinite(self.time_unit) and self.time_unit > 0):
+            raise ValueError(f"{self.name}.time_unit must be a finite number > 0, got {self.time_unit!r}")
+
+    def ages(self, timestamps) -> np.ndarray:
+        age = (self.reference_time - np.asarray(timestamps, dtype=np.float64)) / self.time_unit
+        return np.maximum(age, 0.0).astype(np.float32)
+
+    def training_array(self, rows: pd.DataFrame) -> np.ndarray:
+        from tfrec_recall.data.schema import TIMESTAMP
+        if TIMESTAMP not in rows.columns:
+            raise KeyError(f"{self.name}: the training rows have no {TIMESTAMP!r} column ({list(rows.columns)})")
+        return self.ages(rows[TIMESTAMP].to_numpy())
+
+    @classmethod
+    def from_timestamps(cls, name: str, timestamps, time_unit: float = 86400.0) -> "ExampleAgeFeature":
+        """The spec whose reference time is the latest of the training ``timestamps``; ``ValueError`` when
+        they are all equal (no time to measure ages by)."""
+        t = np.asarray(timestamps, dtype=np.float64)
+        if len(t) == 0 or not np.isfinite(t).all() or t.min() == t.max():
+            raise ValueError(f"{name} (example age) needs varying, finite training timestamps; got "
+                             f"{len(np.unique(t))} distinct value(s) over {len(t)} rows")
+        ages = (t.max() - t) / time_unit
+        return cls(name, mean=float(ages.mean()), variance=float(max(ages.var(), 1e-12)),
+                   reference_time=float(t.max()), time_unit=float(time_unit))
 
 
 def vocabulary_of(values) -> tuple:

@@ -66,19 +66,23 @@ class RetrievalModel(tfrs.Model):
     raw features), :meth:`embed_pair`, :meth:`retrieval_loss` and :meth:`embed_candidates`, and extend
     ``get_config`` / :meth:`deserialize_config`."""
 
-    def __init__(self, auxiliary_losses: Sequence[AuxiliaryLoss] = (), **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._untracked = _Untracked()
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
         self._untracked.trackers["retrieval_loss"] = tf.keras.metrics.Mean(name="retrieval_loss")
         self.auxiliary_losses: List[AuxiliaryLoss] = []
-        if isinstance(auxiliary_losses, AuxiliaryLoss):
-            raise TypeError("auxiliary_losses must be a sequence of AuxiliaryLoss layers, got one layer: wrap "
-                            f"it in a list, [{auxiliary_losses.name!r}]")
-        for loss in auxiliary_losses:
-            self.add_auxiliary_loss(loss)
 
     # -- the auxiliary-loss hook ---------------------------------------------------------------------------
+    def add_auxiliary_losses(self, losses: Sequence[AuxiliaryLoss]) -> None:
+        """:meth:`add_auxiliary_loss` of each of ``losses`` (a subclass's ``auxiliary_losses`` argument: its
+        ``__init__`` calls this last, once the towers a loss may check exist)."""
+        if isinstance(losses, AuxiliaryLoss):
+            raise TypeError("auxiliary_losses must be a sequence of AuxiliaryLoss layers, got one layer: wrap "
+                            f"it in a list, [{losses.name!r}]")
+        for loss in losses:
+            self.add_auxiliary_loss(loss)
+
     def add_auxiliary_loss(self, loss: AuxiliaryLoss) -> None:
         """Adds ``loss`` (weighted by its ``weight``) to the training loss and logs it under ``loss.name``."""
         if not isinstance(loss, AuxiliaryLoss):

@@ -44,7 +44,7 @@ class TwoTower(RetrievalModel):
                  negative_sampler: Optional[CorpusNegativeSampler] = None, item_id_feature: str = ITEM_ID,
                  weight_feature: Optional[str] = None, logq_correction: bool = False,
                  auxiliary_losses: Sequence[AuxiliaryLoss] = (), **kwargs):
-        super().__init__(auxiliary_losses=auxiliary_losses, **kwargs)
+        super().__init__(**kwargs)
         for name, tower in (("query_tower", query_tower), ("candidate_tower", candidate_tower)):
             if not isinstance(tower, tf.keras.layers.Layer):
                 raise TypeError(f"{name} must be a Keras layer or model, got {type(tower).__name__}")
@@ -62,6 +62,7 @@ class TwoTower(RetrievalModel):
         self.weight_feature = weight_feature
         self.logq_correction = bool(logq_correction)
         self._check_negatives()
+        self.add_auxiliary_losses(auxiliary_losses)
 
     def _check_negatives(self):
         in_batch = self.task.in_batch_negatives
@@ -123,10 +124,10 @@ class TwoTower(RetrievalModel):
         return self.candidate_tower(features, training=training)
 
     def candidate_feature_specs(self) -> list:
-        return list(self.candidate_tower.encoder.specs)
+        return list(self.candidate_tower.input_specs)
 
     def query_feature_specs(self) -> list:
-        return list(self.query_tower.encoder.specs)
+        return list(self.query_tower.input_specs)
 
     def retrieval_loss(self, features, query_embeddings, candidate_embeddings, training=False):
         query, candidate = query_embeddings, candidate_embeddings

@@ -51,7 +51,7 @@ class AuxiliaryLoss(tf.keras.layers.Layer):
     def model(self):
         if self._model_ref.model is None:
             raise ValueError(f"auxiliary loss {self.name!r} is not attached to a model: add it with "
-                             "model.add_auxiliary_loss(loss) or RetrievalModel(auxiliary_losses=[...])")
+                             "model.add_auxiliary_loss(loss) or TwoTower(..., auxiliary_losses=[...])")
         return self._model_ref.model
 
     def feature_specs(self) -> List:

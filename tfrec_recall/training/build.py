@@ -7,7 +7,7 @@ from typing import Dict, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfrec_recall.config import RunConfig
+from tfrec_recall.config import ConfigError, RunConfig
 from tfrec_recall.data.schema import ITEM_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.evaluation.evaluate import corpus_arrays
@@ -15,6 +15,7 @@ from tfrec_recall.features import FeatureSpec, feature_arrays, specs_from_split
 from tfrec_recall.layers.sampling import CorpusNegativeSampler, StreamingFrequencyEstimator
 from tfrec_recall.layers.towers import tower_class
 from tfrec_recall.models.two_tower import TwoTower
+from tfrec_recall.training.auxiliary import augment_spec, auxiliary_losses
 from tfrec_recall.tasks.retrieval import RetrievalTask
 
 
@@ -25,19 +26,32 @@ def set_seed(seed: int) -> None:
     tf.keras.utils.set_random_seed(seed)
 
 
-def _tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str):
-    return tower_class(kind).from_hidden_units(specs, config.hidden_units, output_dim=config.output_dim,
-                                               l2_normalize=config.l2_normalize, dropout=config.dropout, name=name)
+def _tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str, augment=None):
+    cls = tower_class(kind)
+    return cls.from_hidden_units(specs, config.hidden_units, output_dim=config.output_dim,
+                                 l2_normalize=config.l2_normalize, dropout=config.dropout, name=name,
+                                 augment=augment, **cls.run_config_options(config))
+
+
+def _specs(config: RunConfig, split: Split):
+    try:
+        return specs_from_split(split, embedding_dim=config.embedding_dim,
+                                side_embedding_dim=config.side_embedding_dim, history_length=config.history_length,
+                                pooling=config.pooling, use_side_features=config.use_side_features,
+                                use_user_id=config.use_user_id, use_history=config.use_history,
+                                use_example_age=config.example_age)
+    except ValueError as error:
+        if config.example_age and "example age" in str(error):
+            raise ConfigError(f"config key 'example_age': {error}") from None
+        raise
 
 
 def build_model(config: RunConfig, split: Split) -> TwoTower:
-    specs = specs_from_split(split, embedding_dim=config.embedding_dim,
-                             side_embedding_dim=config.side_embedding_dim,
-                             history_length=config.history_length, pooling=config.pooling,
-                             use_side_features=config.use_side_features, use_user_id=config.use_user_id,
-                             use_history=config.use_history)
-    query_tower = _tower(config.query_tower, specs["query"], config, "query_tower")
-    candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower")
+    specs = _specs(config, split)
+    query_tower = _tower(config.query_tower, specs["query"], config, "query_tower",
+                         augment_spec(config, split, "query"))
+    candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower",
+                             augment_spec(config, split, "candidate"))
     estimator = None
     if config.logq_correction and config.negatives != "global":  # global negatives: the sampler's own u(y)
         estimator = StreamingFrequencyEstimator(num_buckets=config.estimator_buckets,
@@ -46,7 +60,7 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
     sampler = None
     if config.negatives in ("mixed", "global"):
         counts = split.train[ITEM_ID].value_counts().reindex(split.data.items, fill_value=0).to_numpy()
-        sampler = CorpusNegativeSampler(corpus_arrays(split, specs["candidate"]), id_feature=ITEM_ID,
+        sampler = CorpusNegativeSampler(corpus_arrays(split, candidate_tower.input_specs), id_feature=ITEM_ID,
                                         counts=counts, beta=config.negative_beta,
                                         num_negatives=config.num_negatives, seed=config.seed,
                                         name="negative_sampler")
@@ -54,7 +68,9 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
                          num_hard_negatives=config.num_hard_negatives,
                          in_batch_negatives=config.negatives != "global", name="retrieval")
     return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler,
-                    logq_correction=config.logq_correction, weight_feature=config.weight_column)
+                    logq_correction=config.logq_correction, weight_feature=config.weight_column,
+                    auxiliary_losses=auxiliary_losses(config, split, {"query": query_tower.input_specs,
+                                                                     "candidate": candidate_tower.input_specs}))
 
 
 def make_optimizer(config: RunConfig):
@@ -66,4 +82,4 @@ def make_optimizer(config: RunConfig):
 def training_arrays(model: TwoTower, split: Split) -> Dict[str, np.ndarray]:
     """Raw features of the training rows for both towers, plus the model's sample-weight column if it names one."""
     return feature_arrays(split.train, split.data, model.training_feature_specs(),
-                          weight_column=model.weight_feature)
+                          weight_column=model.weight_feature, training=True)

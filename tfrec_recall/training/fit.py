@@ -51,7 +51,7 @@ def _logging_callbacks(model, split: Split, log_dir: Optional[str]) -> list:
     items = split.data.items.astype(str)
 
     def embed_items():
-        return items, embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.encoder.specs))
+        return items, embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
 
     return tensorboard_callbacks(log_dir, embed_items, item_titles(split.data, items))
 

@@ -37,9 +37,10 @@ REQUEST_FILE = "request.json"
 
 def sample_request(split: Split, specs: Sequence[FeatureSpec], rows: int = 2) -> Dict[str, list]:
     """Raw query features of the first ``rows`` validation users (training users when there is no validation
-    split), as JSON-ready lists: a ready-made request for smoke tests of an export."""
+    split), as JSON-ready lists: a ready-made request for smoke tests of an export. Inputs the model fills in
+    at serving time (the example age) are left out, as the serving signature leaves them out."""
     frame = split.valid if len(split.valid) else split.train
-    arrays = feature_arrays(frame.head(rows), split.data, specs)
+    arrays = feature_arrays(frame.head(rows), split.data, [s for s in specs if s.serving_default is None])
     return {name: np.asarray(a).tolist() for name, a in arrays.items()}
 
 
@@ -66,13 +67,13 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
         model.query_tower.save(str(tmp / "query_tower"), save_format="tf", include_optimizer=False)
         model.candidate_tower.save(str(tmp / "candidate_tower"), save_format="tf", include_optimizer=False)
         items = split.data.items
-        embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.encoder.specs))
+        embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
         np.savez(tmp / "candidates.npz", ids=items.astype(str), embeddings=embeddings)
         (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics, "valid": result.valid_metrics,
                                                       "best_epoch": result.best_epoch,
                                                       "train_seconds": result.train_seconds}, indent=2))
         (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
-        (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.encoder.specs)))
+        (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.serving_specs)))
         plot_history(result.history, tmp / "training.png")
         if log_dir is not None:
             tf.io.gfile.rename(str(log_dir), str(tmp / LOGS_DIR))
@@ -123,7 +124,7 @@ def recommend(run: LoadedRun, split: Split, user_ids: Sequence[str], k: int = 10
             raise KeyError(f"user_id {user!r} has no training interactions in {split.data.name!r}")
     rows = pd.DataFrame({USER_ID: list(user_ids),
                          "history": [tuple(split.train_items[u][::-1][:split.history_length]) for u in user_ids]})
-    queries = embed(run.query_tower, feature_arrays(rows, split.data, run.query_tower.encoder.specs))
+    queries = embed(run.query_tower, feature_arrays(rows, split.data, run.query_tower.input_specs))
     scores = queries @ run.candidate_embeddings.T
     index = {item: i for i, item in enumerate(run.candidate_ids)}
     out = {}

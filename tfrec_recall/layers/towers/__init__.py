@@ -3,9 +3,10 @@
 from tfrec_recall.layers.towers.base import (Tower, model_base_config, register_tower, tower_class,
                                              tower_names)
 from tfrec_recall.layers.towers.mlp import MLPTower
+from tfrec_recall.layers.towers.parallel import ParallelTower
 from tfrec_recall.layers.towers.residual import ResidualTower
 from tfrec_recall.layers.towers.senet import SENetTower
 from tfrec_recall.layers.towers.youtube_dnn import YouTubeDNNTower
 
-__all__ = ["Tower", "MLPTower", "SENetTower", "ResidualTower", "YouTubeDNNTower", "model_base_config",
-           "register_tower", "tower_class", "tower_names"]
+__all__ = ["Tower", "MLPTower", "ParallelTower", "SENetTower", "ResidualTower", "YouTubeDNNTower",
+           "model_base_config", "register_tower", "tower_class", "tower_names"]

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import tensorflow as tf
 
-from tfrec_recall.features import FeatureEncoder, SequenceFeature, SpecLike
+from tfrec_recall.features import FeatureEncoder, FeatureSpec, SequenceFeature, SpecLike, as_spec
 from tfrec_recall._validation import is_int, require_positive_int
 
 _TOWER_TYPES: Dict[str, type] = {}  # written only by register_tower
@@ -68,6 +68,18 @@ def check_units(name: str, units) -> tuple:
     return units
 
 
+def _augment_spec(augment: SpecLike, output_dim: int) -> FeatureSpec:
+    spec = as_spec(augment)
+    if spec.dtype != tf.string or spec.width is not None:
+        raise ValueError(f"augment must be a scalar categorical feature spec (an id), got {spec.name!r} of kind "
+                         f"{spec.kind!r}")
+    if spec.embedding_dim != output_dim:
+        raise ValueError(f"augment {spec.name!r}: its embedding_dim must equal the tower's output_dim "
+                         f"({output_dim}), the augmented vector is compared with the other tower's output; got "
+                         f"{spec.embedding_dim}")
+    return spec
+
+
 def model_base_config(model: tf.keras.Model, config: dict) -> dict:
     """``config`` (a subclassed model's ``super().get_config()``, which Keras leaves empty when the subclass
     overrides ``get_config``) completed with the Keras arguments every model takes: name, trainable, dtype."""
@@ -80,12 +92,14 @@ class Tower(tf.keras.Model):
     query_only = False  # True: needs query-side inputs (e.g. a history), so it cannot embed items
 
     def __init__(self, features: Sequence[SpecLike], output_dim: int = 64, l2_normalize: bool = True,
-                 dropout: float = 0.0, **kwargs):
+                 dropout: float = 0.0, augment: Optional[SpecLike] = None, **kwargs):
         super().__init__(**kwargs)
         require_positive_int("output_dim", output_dim)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.encoder = FeatureEncoder(features, name="features")
+        self.augment_encoder = None if augment is None else FeatureEncoder([_augment_spec(augment, output_dim)],
+                                                                           name="augment")
         self.output_dim = output_dim
         self.l2_normalize = bool(l2_normalize)
         self.dropout_rate = float(dropout)
@@ -94,7 +108,48 @@ class Tower(tf.keras.Model):
 
     @property
     def feature_names(self) -> List[str]:
-        return self.encoder.feature_names
+        """The raw inputs the tower reads (its features, then the augmented vector's id if not among them)."""
+        return [s.name for s in self.input_specs]
+
+    @property
+    def input_specs(self) -> List[FeatureSpec]:
+        """The specs of the raw inputs the tower reads, each input once (the serving signature's inputs)."""
+        specs = list(self.encoder.specs)
+        if self.augment_encoder is not None and self.augment_spec.name not in self.encoder.feature_names:
+            specs.append(self.augment_spec)
+        return specs
+
+    @property
+    def serving_specs(self) -> List[FeatureSpec]:
+        """The inputs a server is sent: :attr:`input_specs` but those the model fills in (the example age)."""
+        return [s for s in self.input_specs if s.serving_default is None]
+
+    @property
+    def augment_spec(self) -> Optional[FeatureSpec]:
+        return None if self.augment_encoder is None else self.augment_encoder.specs[0]
+
+    @property
+    def num_fields(self) -> int:
+        """How many field embeddings :meth:`combine` receives (the features, plus the augmented vector)."""
+        return len(self.encoder.specs) + int(self.augment_encoder is not None)
+
+    def augmented_vector(self, inputs) -> tf.Tensor:
+        """DAT's augmented vector (Yu et al. 2021): ``[batch, output_dim]``, the embedding of the ``augment``
+        input, fed to the tower as one more field; ``ValueError`` when the tower has none."""
+        if self.augment_encoder is None:
+            raise ValueError(f"{self.name} has no augmented vector: build it with augment=<an id feature spec>")
+        return self.augment_encoder(inputs)[0]
+
+    def fields(self, inputs, field_mask=None) -> List[tf.Tensor]:
+        """The field embeddings :meth:`combine` reads: the features' (each times its column of ``field_mask``
+        ``[batch, len(features)]`` when given), then the augmented vector (never masked)."""
+        fields = self.encoder(inputs)
+        if field_mask is not None:
+            mask = tf.cast(field_mask, fields[0].dtype)
+            fields = [f * mask[:, i:i + 1] for i, f in enumerate(fields)]
+        if self.augment_encoder is not None:
+            fields.append(self.augmented_vector(inputs))
+        return fields
 
     def combine(self, fields: List[tf.Tensor], training=None) -> tf.Tensor:
         raise NotImplementedError
@@ -103,11 +158,13 @@ class Tower(tf.keras.Model):
         # Build from real raw inputs of the specs' dtypes: Keras's default build feeds float placeholders,
         # which string features cannot take (this is what reloading a SavedModel calls).
         if not self.built:
-            self.call(self.encoder.dummy_inputs())
+            self.call({spec.name: spec.dummy_input() for spec in self.input_specs})
             self.built = True
 
-    def call(self, inputs, training=None):
-        x = self.combine(self.encoder(inputs), training=training)
+    def call(self, inputs, training=None, field_mask=None):
+        """``[batch, output_dim]`` embeddings of the raw ``inputs``; ``field_mask`` (``[batch, len(features)]``,
+        0/1) zeroes features' field embeddings, as a contrastive view does."""
+        x = self.combine(self.fields(inputs, field_mask), training=training)
         x = self.projection(self._dropout(x, training=training))
         if self.l2_normalize:
             x = tf.math.l2_normalize(x, axis=-1)
@@ -145,11 +202,18 @@ class Tower(tf.keras.Model):
     def get_config(self):
         return {**model_base_config(self, super().get_config()),
                 "features": [s.to_dict() for s in self.encoder.specs], "output_dim": self.output_dim,
-                "l2_normalize": self.l2_normalize, "dropout": self.dropout_rate}
+                "l2_normalize": self.l2_normalize, "dropout": self.dropout_rate,
+                "augment": None if self.augment_spec is None else self.augment_spec.to_dict()}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+    @classmethod
+    def run_config_options(cls, config) -> dict:
+        """Constructor arguments of this tower class read from a RunConfig, besides the shared ones (a subclass
+        hook; the base reads none)."""
+        return {}
 
     @classmethod
     def from_hidden_units(cls, features: Sequence[SpecLike], hidden_units: Sequence[int], **kwargs) -> "Tower":

@@ -23,7 +23,7 @@ class SENetTower(MLPTower):
         if not reduction_ratio >= 1.0:
             raise ValueError(f"reduction_ratio must be >= 1, got {reduction_ratio!r}")
         self.reduction_ratio = float(reduction_ratio)
-        num_fields = len(self.encoder.specs)
+        num_fields = self.num_fields
         self.squeeze_units = max(1, int(round(num_fields / self.reduction_ratio)))
         self.excite_1 = tf.keras.layers.Dense(self.squeeze_units, activation="relu", name="excite_1")
         self.excite_2 = tf.keras.layers.Dense(num_fields, activation="sigmoid", name="excite_2")

@@ -1,0 +1,107 @@
+"""The Dual Augmented Two-tower model's losses (Yu et al. 2021, "A Dual Augmented Two-tower Model for Online
+Large-scale Recommendation", DLP-KDD; DAT).
+
+* Augmented vectors: each tower reads one more field, the embedding ``a`` of an id (``Tower(augment=...)``: a
+  per-user vector a_u in the query tower, a per-item vector a_v in the candidate tower), of the towers' output
+  width. Serving needs nothing extra: the vector is looked up from the same raw inputs.
+* Adaptive-Mimic Mechanism (sec. 3.2, eq. 3-4): ``loss_u = mean over positive pairs of ||a_u - p_v||^2`` and
+  ``loss_v = mean of ||a_v - p_u||^2``, the other tower's output ``p`` held constant (stop-gradient), so each
+  augmented vector learns the positive interactions of the other side. In-batch softmax batches hold positive
+  pairs only (label 1), so the mean is over the batch. :class:`AdaptiveMimicLoss` with ``side="query"`` is
+  loss_u (its ``weight`` lambda_u), ``side="candidate"`` loss_v (lambda_v).
+* Category Alignment Loss (sec. 3.3, eq. 6, after CORAL, Sun & Saenko 2016): with C(S) the covariance of the
+  item vectors of the batch's items in category S, ``loss_CA = sum over categories S_i other than the batch's
+  majority one S_major of ||C(S_major) - C(S_i)||_F^2 / (4 d^2)``, transferring what the majority category's
+  item vectors learnt to the small categories. Categories with fewer than 2 items in the batch are skipped.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import tensorflow as tf
+
+from tfrec_recall.features import FeatureSpec, SpecLike, as_spec
+from tfrec_recall.tasks.auxiliary import AuxiliaryLoss, first_of
+
+SIDES = ("query", "candidate")
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
+class AdaptiveMimicLoss(AuxiliaryLoss):
+    """DAT's adaptive-mimic loss of one side (module docstring): ``side="query"``: mean_b ||a_u(b) -
+    stop_gradient(p_v(b))||^2 over the batch's positive pairs; ``side="candidate"``: mean_b ||a_v(b) -
+    stop_gradient(p_u(b))||^2. The model's tower of that side must have an augmented vector."""
+
+    def __init__(self, side: str = "query", weight: float = 1.0, **kwargs):
+        super().__init__(weight=weight, **kwargs)
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        self.side = side
+
+    def _tower(self, model):
+        return getattr(model, f"{self.side}_tower")
+
+    def check_model(self, model) -> None:
+        tower = self._tower(model)
+        if getattr(tower, "augment_encoder", None) is None:
+            raise ValueError(f"AdaptiveMimicLoss(side={self.side!r}) needs the {self.side} tower to have an "
+                             f"augmented vector (build the tower with augment=<id feature spec>)")
+
+    def call(self, features, query_embeddings, candidate_embeddings, training=False):
+        augmented = self._tower(self.model).augmented_vector(features)
+        other = candidate_embeddings if self.side == "query" else query_embeddings
+        target = tf.stop_gradient(tf.cast(other, augmented.dtype))
+        return tf.reduce_mean(tf.reduce_sum(tf.square(augmented - target), axis=-1))
+
+    def get_config(self):
+        return {**super().get_config(), "side": self.side}
+
+
+def category_covariances(vectors: tf.Tensor, one_hot: tf.Tensor):
+    """``(covariances [C, d, d], counts [C])`` of the rows of ``vectors`` ``[B, d]`` in each category (columns
+    of the 0/1 ``one_hot`` ``[B, C]``): unbiased (divided by n_c - 1); rows of categories with n_c < 2 are 0."""
+    counts = tf.reduce_sum(one_hot, axis=0)  # [C]
+    members = tf.transpose(one_hot)[:, :, None] * vectors[None, :, :]  # [C, B, d]
+    sums = tf.reduce_sum(members, axis=1)  # [C, d]
+    second = tf.matmul(members, members, transpose_a=True)  # [C, d, d]: sum over members of x x^T
+    n = counts[:, None, None]
+    centred = second - sums[:, :, None] * sums[:, None, :] / tf.maximum(n, 1.0)
+    return tf.where(n >= 2.0, centred / tf.maximum(n - 1.0, 1.0), tf.zeros_like(centred)), counts
+
+
+@tf.keras.utils.register_keras_serializable(package="tfrec_recall")
+class CategoryAlignmentLoss(AuxiliaryLoss):
+    """DAT's category alignment loss (module docstring) over the batch's candidate (item) vectors. ``category``
+    is the spec of an item feature holding each item's category: an id feature, or a list feature whose first
+    value is the item's category (e.g. the first listed genre); values outside its vocabulary form one more
+    category. The loss reads that raw feature from the batch (:meth:`feature_specs`)."""
+
+    def __init__(self, category: SpecLike, weight: float = 1.0, **kwargs):
+        super().__init__(weight=weight, **kwargs)
+        spec = as_spec(category)
+        if spec.dtype != tf.string or getattr(spec, "vocabulary", None) is None:
+            raise ValueError(f"category must be a categorical feature spec with a vocabulary, got {spec.name!r} "
+                             f"of kind {spec.kind!r}")
+        self.category = spec
+        self._lookup = tf.keras.layers.StringLookup(vocabulary=list(spec.vocabulary), num_oov_indices=1,
+                                                    name="category_lookup")
+        self.num_categories = len(spec.vocabulary) + 1
+
+    def feature_specs(self) -> List[FeatureSpec]:
+        return [self.category]
+
+    def call(self, features, query_embeddings, candidate_embeddings, training=False):
+        if self.category.name not in features:
+            raise KeyError(f"category feature {self.category.name!r} is not in the batch; got {sorted(features)}")
+        index = self._lookup(first_of(tf.convert_to_tensor(features[self.category.name])))
+        one_hot = tf.one_hot(index, self.num_categories, dtype=tf.float32)
+        vectors = tf.cast(candidate_embeddings, tf.float32)
+        covariances, counts = category_covariances(vectors, one_hot)
+        major = tf.argmax(counts)
+        distances = tf.reduce_sum(tf.square(covariances - covariances[major][None]), axis=[1, 2])  # [C]
+        others = tf.logical_and(counts >= 2.0, tf.not_equal(tf.range(self.num_categories, dtype=major.dtype), major))
+        d = tf.cast(tf.shape(vectors)[1], tf.float32)
+        return tf.reduce_sum(tf.where(others, distances, 0.0)) / (4.0 * d * d)
+
+    def get_config(self):
+        return {**super().get_config(), "category": self.category.to_dict()}
