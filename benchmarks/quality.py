@@ -13,8 +13,13 @@ excluded), with every choice made on the validation split.
    configuration.
 
 Finished runs are appended to benchmarks/results/quality_runs.jsonl (one JSON object per run); a rerun skips
-runs already there, so an interrupted benchmark resumes (--fresh starts over). Writes
-benchmarks/results/quality_ml100k.md, .json and a .png chart.
+runs already there, so an interrupted benchmark resumes (--fresh starts over; --report-only trains nothing and
+reports the rows whose runs are all logged). Writes benchmarks/results/quality_ml100k.md, .json and a .png chart.
+
+3. The two-tower options (OPTION_FAMILIES: DAT, category alignment, contrastive, Example Age, parallel towers,
+   distillation) run on the default preset, youtube_dnn_mixed, the configuration chosen in step 1-2; their runs
+   also measure test HR@50 on segments (tail items, recent items, each genre), written to
+   benchmarks/results/options_ml100k.md with the 5 genres with the fewest items.
 """
 from __future__ import annotations
 
@@ -81,8 +86,8 @@ def grid_points(grid: Dict[str, list]) -> List[dict]:
 class RunLog:
     """Finished runs, one JSON object per line, keyed by (row, overrides, seed, max_epochs)."""
 
-    def __init__(self, path: Path, fresh: bool):
-        self.path = path
+    def __init__(self, path: Path, fresh: bool, report_only: bool = False):
+        self.path, self.report_only = path, report_only  # report_only: a missing run raises NotRun
         if fresh and path.exists():
             path.unlink()
         self.runs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -128,10 +133,16 @@ def segment_metrics(model, split, segments) -> Dict[str, float]:
     return out
 
 
+class NotRun(Exception):
+    """A run the report needs is not in the run log (``--report-only``)."""
+
+
 def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=None):
     done = log.get(row, overrides, seed, max_epochs)
     if done is not None and (segments is None or "segments" in done):
         return done
+    if log.report_only:
+        raise NotRun(f"{row} {overrides} seed {seed}")
     from tfrec_recall import training
     config = load_config(preset, overrides={**overrides, "seed": seed, "epochs": max_epochs, "patience": 3,
                                             "selection_metric": SELECTION})
@@ -175,6 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
     parser.add_argument("--out", default=str(HERE / "results" / "quality_ml100k"))
     parser.add_argument("--fresh", action="store_true", help="forget the finished runs in the run log")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the rows whose runs are all in the run log")
     args = parser.parse_args(argv)
     if not (Path(args.data_dir) / "u.data").is_file():
         print(f"MovieLens 100K is absent at {args.data_dir}; nothing to benchmark", file=sys.stderr)
@@ -183,7 +196,7 @@ def main(argv=None) -> int:
     print(split.describe())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out.parent / "quality_runs.jsonl", args.fresh)
+    log = RunLog(out.parent / "quality_runs.jsonl", args.fresh, args.report_only)
     rows, options = [], []
     segments = segment_items(split)
     for family in FAMILIES + OPTION_FAMILIES:
@@ -191,8 +204,13 @@ def main(argv=None) -> int:
             continue
         measure = segments if family in OPTION_FAMILIES else None
         print(f"{family[0]}: selecting on validation", flush=True)
-        chosen = select(log, split, family, args.max_epochs, measure)
-        records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs, measure) for seed in SEEDS]
+        try:
+            chosen = select(log, split, family, args.max_epochs, measure)
+            records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs, measure)
+                       for seed in SEEDS]
+        except NotRun as missing:
+            print(f"  not reported: the run log lacks {missing}", flush=True)
+            continue
         rows.append({"name": family[0], "preset": family[1], "overrides": chosen, "grid": family[3],
                      "summary": summarize(records)})
         if measure is not None:
