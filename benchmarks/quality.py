@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -117,8 +118,9 @@ def segment_items(split) -> Dict[str, list]:
     start, end = train["timestamp"].min(), train["timestamp"].max()
     out = {"tail": ordered[:int(round(TAIL_SHARE * len(ordered)))],
            "recent": list(first.index[first >= end - RECENT_SHARE * (end - start)])}
-    genres = split.data.item_features["genres"] if split.data.item_features is not None else None
-    for genre in sorted({g for t in (genres if genres is not None else []) for g in t}):
+    table = split.data.item_features
+    genres = table["genres"] if table is not None and "genres" in table.columns else pd.Series(dtype=object)
+    for genre in sorted({g for t in genres for g in t}):
         out[f"genre:{genre}"] = [i for i, t in genres.items() if genre in t]
     return out
 

@@ -1,6 +1,6 @@
 """The self-supervised contrastive loss of the item tower (Yao et al. 2021, "Self-supervised Learning for
-Large-scale Item Recommendations", sec. 3): eq. 1 against a NumPy reference, correlated / random feature masking
-(sec. 3.2), uniform auxiliary batches (sec. 3.3), and training."""
+Large-scale Item Recommendations"): its contrastive loss L_self against a NumPy reference, correlated / random
+feature masking (CFM / RFM), uniform auxiliary batches, and training."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,7 +28,7 @@ def model_with(loss, seed=0):
 
 
 def ref_ssl_loss(first, second, tau, ids):
-    """Yao et al. 2021, eq. 1: -1/N sum_i log(exp(s(z_i, z'_i)/tau) / sum_j exp(s(z_i, z'_j)/tau)), s the cosine;
+    """Yao et al. 2021, the SSL loss L_self: -1/N sum_i log(exp(s(z_i, z'_i)/tau) / sum_j exp(s(z_i, z'_j)/tau)), s the cosine;
     j runs over the other items, so another copy of item i (a repeat of the uniform draw) is left out."""
     z = np.asarray(first, np.float64)
     w = np.asarray(second, np.float64)
@@ -41,7 +41,7 @@ def ref_ssl_loss(first, second, tau, ids):
     return total / len(z)
 
 
-def test_loss_is_eq_1_over_the_two_views_with_the_masks_and_draws_it_made():
+def test_loss_is_l_self_over_the_two_views_with_the_masks_and_draws_it_made():
     loss = ContrastiveLoss(CORPUS, temperature=0.5, batch_size=5, dropout=0.0, mask_sets=None, seed=4)
     model = model_with(loss)
     tower = model.candidate_tower

@@ -1,6 +1,6 @@
 """DAT (Yu et al. 2021, "A Dual Augmented Two-tower Model for Online Large-scale Recommendation"): the towers'
-augmented vectors, the adaptive-mimic loss (sec. 3.2, eq. 3-4) and the category alignment loss (sec. 3.3,
-eq. 6, CORAL), each against a NumPy reference written from the paper's formula."""
+augmented vectors, the adaptive-mimic losses loss_u / loss_v and the category alignment loss loss_CA (after Deep
+CORAL), each against a NumPy reference written from the paper's formula."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -32,7 +32,7 @@ def dat_model(seed=0, losses=None, dim=4):
 
 
 def ref_mimic(augmented, other, labels):
-    """DAT eq. 3: loss_u = 1/T sum_(u,v,y) [y a_u + (1 - y) p_v - p_v]^2 (squared L2), i.e. the mean over the
+    """DAT's loss_u: 1/T sum_(u,v,y) [y a_u + (1 - y) p_v - p_v]^2 (squared L2), i.e. the mean over the
     T pairs of y ||a_u - p_v||^2; every in-batch-softmax pair is a positive (y = 1)."""
     a, p, y = np.asarray(augmented, np.float64), np.asarray(other, np.float64), np.asarray(labels, np.float64)
     return float(np.mean([np.sum((yi * ai + (1 - yi) * pi - pi) ** 2) for ai, pi, yi in zip(a, p, y)]))
@@ -101,7 +101,7 @@ def test_augmented_towers_and_dat_losses_round_trip(tmp_path):
 
 
 def ref_category_alignment(vectors, categories):
-    """DAT eq. 6 after CORAL (Sun & Saenko 2016, eq. 1-2): C(S) = 1/(n-1) (X^T X - (1^T X)^T (1^T X) / n);
+    """DAT's loss_CA after Deep CORAL (Sun & Saenko 2016, eq. 1-3): C(S) = 1/(n-1) (X^T X - (1^T X)^T (1^T X) / n);
     loss = sum over categories S_i != S_major with n_i >= 2 of ||C(S_major) - C(S_i)||_F^2 / (4 d^2)."""
     x, cats = np.asarray(vectors, np.float64), np.asarray(categories)
     d = x.shape[1]

@@ -48,6 +48,12 @@ _PUBLIC = {
     "RunConfig": "tfrec_recall.config", "load_config": "tfrec_recall.config",
     "train": "tfrec_recall.training", "evaluate": "tfrec_recall.evaluation",
     "export_retrieval_model": "tfrec_recall.export",
+    # The two-tower options (README "Two-tower options")
+    "ParallelTower": "tfrec_recall.layers.towers", "ExampleAgeFeature": "tfrec_recall.features",
+    "AdaptiveMimicLoss": "tfrec_recall.tasks.dat", "CategoryAlignmentLoss": "tfrec_recall.tasks.dat",
+    "ContrastiveLoss": "tfrec_recall.tasks.contrastive", "DistillationLoss": "tfrec_recall.tasks.distillation",
+    "CrossFeatureRanker": "tfrec_recall.models.teacher", "train_teacher": "tfrec_recall.models.teacher",
+    "make_drifting": "tfrec_recall.data",
 }
 __all__ = sorted(_PUBLIC)
 

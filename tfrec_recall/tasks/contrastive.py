@@ -1,13 +1,14 @@
 """Self-supervised contrastive auxiliary loss for the item tower (Yao et al. 2021, "Self-supervised Learning for
 Large-scale Item Recommendations", CIKM; SSL).
 
-Each step draws an auxiliary batch of items uniformly from the corpus (sec. 3.3: not the popularity-skewed
-training batch, so that tail items get as many views as head ones), makes two views of every item and trains
-the candidate tower to tell each item's second view from the other items' (sec. 3.1, eq. 1):
+Each step draws an auxiliary batch of items uniformly from the corpus (a distribution other than the
+popularity-skewed training batch's, so that tail items get as many views as head ones), makes two views of every
+item and trains the candidate tower to tell each item's second view from the other items' (the paper's
+contrastive SSL loss L_self):
 
     L_self = -1/N sum_i log( exp(s(z_i, z'_i) / tau) / sum_j exp(s(z_i, z'_j) / tau) ),
 
-s the cosine similarity of the two views' embeddings, tau its own temperature. Views (sec. 3.2):
+s the cosine similarity of the two views' embeddings, tau its own temperature. Views (the paper's augmentations):
 
 * feature masking: the features are split into a set A and its complement; view 1 sees the complement, view 2
   sees A (a masked feature's field embedding is zeroed). Correlated Feature Masking (CFM) picks a seed feature
@@ -73,7 +74,7 @@ class ContrastiveLoss(AuxiliaryLoss):
     """The SSL loss of the model's candidate tower (module docstring). ``corpus_features``: raw candidate
     features of every corpus item (the auxiliary batch is drawn from them, uniformly, ``batch_size`` items per
     step); ``mask_sets``: CFM sets (``None``: random masking); ``dropout``: the multi-valued features' value
-    dropout rate; ``temperature``: tau of eq. 1."""
+    dropout rate; ``temperature``: tau of L_self."""
 
     def __init__(self, corpus_features: Mapping[str, Sequence], weight: float = 1.0, temperature: float = 0.1,
                  batch_size: int = 256, dropout: float = 0.1, mask_sets: Optional[Sequence[Sequence[int]]] = None,

@@ -4,15 +4,16 @@ Large-scale Recommendation", DLP-KDD; DAT).
 * Augmented vectors: each tower reads one more field, the embedding ``a`` of an id (``Tower(augment=...)``: a
   per-user vector a_u in the query tower, a per-item vector a_v in the candidate tower), of the towers' output
   width. Serving needs nothing extra: the vector is looked up from the same raw inputs.
-* Adaptive-Mimic Mechanism (sec. 3.2, eq. 3-4): ``loss_u = mean over positive pairs of ||a_u - p_v||^2`` and
-  ``loss_v = mean of ||a_v - p_u||^2``, the other tower's output ``p`` held constant (stop-gradient), so each
+* Adaptive-Mimic Mechanism (the paper's loss_u and loss_v): ``loss_u = mean over positive pairs of
+  ||a_u - p_v||^2`` and ``loss_v = mean of ||a_v - p_u||^2``, the other tower's output ``p`` held constant (stop-gradient), so each
   augmented vector learns the positive interactions of the other side. In-batch softmax batches hold positive
   pairs only (label 1), so the mean is over the batch. :class:`AdaptiveMimicLoss` with ``side="query"`` is
   loss_u (its ``weight`` lambda_u), ``side="candidate"`` loss_v (lambda_v).
-* Category Alignment Loss (sec. 3.3, eq. 6, after CORAL, Sun & Saenko 2016): with C(S) the covariance of the
-  item vectors of the batch's items in category S, ``loss_CA = sum over categories S_i other than the batch's
-  majority one S_major of ||C(S_major) - C(S_i)||_F^2 / (4 d^2)``, transferring what the majority category's
-  item vectors learnt to the small categories. Categories with fewer than 2 items in the batch are skipped.
+* Category Alignment Loss (the paper's loss_CA, after Deep CORAL, Sun & Saenko 2016, eq. 1-3): with C(S) the
+  covariance of the item vectors of the batch's items in category S, ``loss_CA = sum over categories S_i other
+  than the batch's majority one S_major of ||C(S_major) - C(S_i)||_F^2 / (4 d^2)``, transferring what the majority
+  category's item vectors learnt to the small categories. Categories with fewer than 2 items in the batch are
+  skipped.
 """
 from __future__ import annotations
 
