@@ -87,8 +87,9 @@ def test_mimic_needs_an_augmented_tower_and_augment_must_fit():
 
 
 def test_augmented_towers_and_dat_losses_round_trip(tmp_path):
+    kind = IdFeature("kind", 2, vocabulary=("k1", "k2"))  # read by the loss only, not by the towers
     model = dat_model(losses=[AdaptiveMimicLoss("candidate", weight=0.3, name="m"),
-                              CategoryAlignmentLoss(GENRE, weight=2.0, name="cal")])
+                              CategoryAlignmentLoss(kind, weight=2.0, name="cal")])
     for layer in [model.query_tower, model.candidate_tower] + model.auxiliary_losses:
         assert_keras_round_trips(layer)
     expected = model.candidate_tower(BATCH).numpy()
@@ -97,7 +98,10 @@ def test_augmented_towers_and_dat_losses_round_trip(tmp_path):
     np.testing.assert_allclose(loaded(BATCH).numpy(), expected, rtol=1e-6)
     clone = TwoTower.from_config(model.get_config())
     assert [type(x).__name__ for x in clone.auxiliary_losses] == ["AdaptiveMimicLoss", "CategoryAlignmentLoss"]
-    assert clone.training_feature_specs()[-1].name == "genres"  # the towers' inputs, then the losses' own
+    names = [s.name for s in clone.training_feature_specs()]
+    assert names == ["user_id", "item_id", "genres", "kind"]  # the towers' inputs, then the losses' own
+    losses = clone.compute_losses({**BATCH, "kind": tf.constant(["k1", "k2", "k1", "k2", "k1", "k1"])})
+    assert set(losses) == {"retrieval_loss", "m", "cal", "loss"} and all(np.isfinite(float(v)) for v in losses.values())
 
 
 def ref_category_alignment(vectors, categories):

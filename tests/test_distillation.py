@@ -245,3 +245,18 @@ def test_student_trains_with_distillation_and_teacher_stays_frozen(split, specs,
     assert history["distillation"][-1] < history["distillation"][0]
     for got, want in zip(teacher.get_weights(), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_attached_loss_distils_the_students_softmax_logits():
+    """Hinton et al. 2015, sec. 2: the student's logits are those of its own softmax, the dot products divided
+    by the retrieval task's temperature (0.5 here)."""
+    tf.keras.utils.set_random_seed(0)
+    query = MLPTower([IdFeature("row_id", 3, vocabulary=("a", "b"))], output_dim=3)
+    candidate = MLPTower([IdFeature("item_id", 3, vocabulary=("x", "y"))], output_dim=3)
+    t = RNG.normal(size=(5, 5)).astype(np.float32)
+    loss = DistillationLoss(MatrixTeacher(t), temperature=2.0)
+    TwoTower(query, candidate, RetrievalTask(temperature=0.5), auxiliary_losses=[loss])
+    q, c = RNG.normal(size=(5, 3)).astype(np.float32), RNG.normal(size=(5, 3)).astype(np.float32)
+    got = float(loss(rows(5), tf.constant(q), tf.constant(c)))
+    assert got == pytest.approx(ref_distillation(q / 0.5, c, t, 2.0), rel=1e-5)
+    assert got != pytest.approx(ref_distillation(q, c, t, 2.0), rel=1e-3)

@@ -20,6 +20,8 @@ def test_ages_are_days_before_the_latest_training_timestamp_and_zero_at_serving(
     assert spec.mean == pytest.approx(7 / 3) and spec.variance == pytest.approx(26 / 9)
     assert spec.ages([5 * DAY])[0] == 0.0  # later than the reference: clipped to "now"
     assert spec.serving_default == 0.0 and FeatureSpec.from_dict(spec.to_dict()) == spec
+    # An age absent from a tf.Example is "now" too, not the training mean.
+    assert spec.parse_spec().default_value == 0.0 and float(spec.dummy_input()[0]) == 0.0
     with pytest.raises(ValueError, match=r"example_age \(example age\) needs varying, finite training timestamps; "
                                          r"got 1 distinct value\(s\) over 3 rows"):
         ExampleAgeFeature.from_timestamps(EXAMPLE_AGE, [7, 7, 7])
@@ -39,6 +41,17 @@ def test_training_rows_carry_their_age_and_every_other_path_uses_zero():
     assert train.min() == 0.0 and train.max() > 10
     test = feature_arrays(split.test, split.data, [age])[EXAMPLE_AGE]
     np.testing.assert_array_equal(test, np.zeros(len(split.test), np.float32))
+
+
+def test_the_training_batch_of_a_built_model_carries_the_ages():
+    from tfrec_recall.training import build_model, training_arrays
+    split = leave_last_out(make_drifting(num_users=60, num_items=50, seed=2), history_length=5)
+    model = build_model(load_config("youtube_dnn", overrides={"example_age": True, "use_side_features": False,
+                                                              "history_length": 5}), split)
+    ages = training_arrays(model, split)[EXAMPLE_AGE]
+    latest = split.train["timestamp"].max()
+    np.testing.assert_allclose(ages, (latest - split.train["timestamp"].to_numpy()) / DAY, rtol=1e-6)
+    assert "example_age" not in [s.name for s in model.query_tower.serving_specs]
 
 
 def test_the_tower_fills_an_absent_age_with_zero():

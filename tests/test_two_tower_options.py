@@ -91,6 +91,35 @@ def test_each_option_is_switched_on_and_its_export_answers_as_the_model(exported
         np.testing.assert_array_equal(served["item_ids"].numpy(), ids.numpy(), err_msg=name)
 
 
+def test_serve_examples_and_evaluate_on_arrays_ask_as_the_server_does(exported, small_split):
+    """tf.Examples without the example age answer as serving_default (age 0), and ``evaluate`` on arrays that
+    carry training ages and DAT's ids scores as served (the ages are ignored)."""
+    from tfrec_recall import evaluate, training
+    root, models = exported
+    entry = models["example_age"]
+    loaded = tf.saved_model.load(str(root / "example_age" / "1"))
+    inputs = {k: v for k, v in entry["features"].items() if k != "example_age"}
+
+    def example(row):
+        feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(x).encode() for x in np.ravel(v[row])]))
+                   if v.dtype == object else tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(v[row])))
+                   for k, v in inputs.items()}
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    examples = tf.constant([example(r) for r in range(len(inputs["history"]))])
+    by_examples = loaded.signatures["serve_examples"](examples=examples)["item_ids"].numpy()
+    by_tensors = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
+    np.testing.assert_array_equal(by_examples, by_tensors["item_ids"].numpy())
+    for name in ("example_age", "dat"):
+        model = models[name]["model"]
+        rows = small_split.test.head(40)
+        arrays = training.feature_arrays(rows, small_split.data, model.query_tower.input_specs, training=True)
+        arrays["item_id"] = rows["item_id"].to_numpy(dtype=object)
+        table = training.corpus_arrays(small_split, model.candidate_tower.input_specs)
+        as_served = evaluate(model, {k: v for k, v in arrays.items() if k != "example_age"}, candidates=table)
+        assert evaluate(model, arrays, candidates=table) == as_served, name
+
+
 def test_the_local_server_and_grpc_client_answer_every_option(exported):
     root, models = exported
     config = root / "models.config"

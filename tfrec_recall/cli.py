@@ -133,6 +133,8 @@ def parse_settings(settings) -> dict:
         key, sep, value = setting.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set must be KEY=VALUE, got {setting!r}")
+        if key.strip() == "history_length":  # the split is built with it too
+            raise ConfigError("--set history_length: use --history-length (the split's histories use it too)")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
@@ -151,11 +153,13 @@ def _train(args) -> int:
         raise ConfigError(f"--history-length must be >= 1, got {args.history_length}")
     overrides = {"history_length": args.history_length}
     overrides.update({key: getattr(args, key) for key in TRAIN_FLAGS.values() if getattr(args, key) is not None})
-    overrides.update(parse_settings(args.settings))
+    settings = parse_settings(args.settings)
+    overrides.update(settings)
     try:
         config = load_config(args.model, args.config, overrides)
     except ConfigError as error:  # name the flag the user typed, not only the configuration key
-        flags = [flag for flag, key in TRAIN_FLAGS.items() if key in overrides and f"'{key}'" in str(error)]
+        flags = [flag for flag, key in TRAIN_FLAGS.items()
+                 if getattr(args, key) is not None and key not in settings and f"'{key}'" in str(error)]
         raise ConfigError(f"{flags[0]}: {error}" if flags else str(error)) from None
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -57,10 +57,12 @@ def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "te
                     positives_in: Optional[Collection[str]] = None) -> Dict[str, float]:
     """Metrics of the split's ``which`` users: one query per user, its held-out items as positives (several
     with a random split), its training items excluded; with ``positives_in``, only held-out items in that set
-    count (users with none are left out)."""
+    count (users with none are left out) and the user's other held-out items are excluded too (neither hits nor
+    misses)."""
     if which not in ("valid", "test"):
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
     rows = getattr(split, which)
+    held_out = rows.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
     if positives_in is not None:
         rows = rows[rows[ITEM_ID].isin(set(map(str, positives_in)))]
         if rows.empty:
@@ -71,7 +73,8 @@ def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "te
     embeddings = embed(candidate_tower, corpus_arrays(split, candidate_tower.input_specs))
     queries = embed(query_tower, feature_arrays(users, split.data, query_tower.input_specs))
     positives = [positives_by_user[u] for u in users[USER_ID]]
-    exclude = [split.train_items.get(u, []) for u in users[USER_ID]]
+    exclude = [list(split.train_items.get(u, [])) + [i for i in held_out[u] if i not in set(positives_by_user[u])]
+               for u in users[USER_ID]]
     index = _indexed(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)))
     return evaluate_retriever(index, queries, positives, exclude, ks, progress=progress)
 
@@ -148,8 +151,10 @@ def _id_lists(column: np.ndarray) -> List[List[str]]:
 
 
 def _tower_inputs(tower, arrays: Mapping[str, np.ndarray], argument: str) -> Dict[str, np.ndarray]:
-    """The columns ``tower`` reads (its encoder's specs), or ``KeyError`` naming the missing ones."""
-    specs = getattr(getattr(tower, "encoder", None), "specs", None)
+    """The columns ``tower`` is served (its serving specs: an input the model fills in at serving time, such as
+    the example age, is left out even when present, so evaluation asks as a server does), or ``KeyError``
+    naming the missing ones."""
+    specs = getattr(tower, "serving_specs", None)
     if specs is None:
         return dict(arrays)
     missing = [spec.name for spec in specs if spec.name not in arrays]

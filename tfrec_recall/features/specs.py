@@ -269,6 +269,11 @@ class ExampleAgeFeature(NumericFeature):
         if not (np.isfinite(self.time_unit) and self.time_unit > 0):
             raise ValueError(f"{self.name}.time_unit must be a finite number > 0, got {self.time_unit!r}")
 
+    @property
+    def missing(self):
+        """An absent age is "now" (0), in parsed tf.Examples too, not the training mean."""
+        return self.serving_default
+
     def ages(self, timestamps) -> np.ndarray:
         age = (self.reference_time - np.asarray(timestamps, dtype=np.float64)) / self.time_unit
         return np.maximum(age, 0.0).astype(np.float32)

@@ -207,7 +207,7 @@ def train_teacher(split: Split, query_specs: Sequence[SpecLike], candidate_specs
     tf.keras.utils.set_random_seed(seed)
     model = CrossFeatureRanker(query_specs, candidate_specs, hidden_units=hidden_units, cross_layers=cross_layers,
                                name="teacher")
-    queries = feature_arrays(split.train, split.data, model.query_feature_specs())
+    queries = feature_arrays(split.train, split.data, model.query_feature_specs(), training=True)
     corpus = corpus_arrays(split, model.candidate_feature_specs())
     dataset = _pointwise_dataset(queries, corpus, _candidate_rows(split, num_negatives, seed), batch_size, seed)
     model.build(None)

@@ -18,6 +18,8 @@ s the cosine similarity of the two views' embeddings, tau its own temperature. V
 * feature dropout: each value of a multi-valued feature (e.g. an item's genres) is dropped with probability
   ``dropout`` in each view.
 
+A masked tower call leaves out DAT's augmented vector (an item-unique embedding would make the task trivial).
+
 The same item drawn twice in the auxiliary batch is not its own negative (its other copies' logits are masked).
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tfrec_recall.layers.sampling import CorpusNegativeSampler
 from tfrec_recall.tasks.auxiliary import AuxiliaryLoss
 
 MASKINGS = ("correlated", "random")
+SEED_OFFSET = 7919  # added to ``seed`` for the loss's random streams
 
 
 def _discrete(values: np.ndarray, bins: int = 10) -> np.ndarray:
@@ -86,11 +89,12 @@ class ContrastiveLoss(AuxiliaryLoss):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.temperature, self.dropout, self.seed = float(temperature), float(dropout), int(seed)
         self.batch_size = require_positive_int("batch_size", batch_size)
+        # Its own random streams: a negative sampler seeded with the same seed would draw the same items.
         self.sampler = CorpusNegativeSampler(corpus_features, id_feature=id_feature, num_negatives=batch_size,
-                                             seed=seed, name="corpus_sampler")
+                                             seed=seed + SEED_OFFSET, name="corpus_sampler")
         # A tuple: Keras would wrap a list attribute in a tracked ListWrapper.
         self.mask_sets = None if mask_sets is None else tuple(map(tuple, np.asarray(mask_sets, np.int64).tolist()))
-        self._generator = tf.random.Generator.from_seed(seed + 1)
+        self._generator = tf.random.Generator.from_seed(seed + SEED_OFFSET + 1)
 
     def check_model(self, model) -> None:
         tower = model.candidate_tower
@@ -98,7 +102,7 @@ class ContrastiveLoss(AuxiliaryLoss):
         if len(names) < 2:
             raise ValueError(f"ContrastiveLoss masks candidate features to make two views; the candidate tower has "
                              f"{len(names)} feature(s) {names}: add item side features (use_side_features)")
-        missing = sorted(set(names) - set(self.sampler._arrays))
+        missing = sorted(set(s.name for s in tower.input_specs) - set(self.sampler._arrays))
         if missing:
             raise ValueError(f"corpus_features lacks the candidate tower's features {missing}")
         if self.mask_sets is not None and np.shape(self.mask_sets) != (len(names), len(names)):
@@ -116,7 +120,7 @@ class ContrastiveLoss(AuxiliaryLoss):
 
     def _drop_values(self, features):
         out = {}
-        for spec in self.model.candidate_tower.encoder.specs:
+        for spec in self.model.candidate_tower.input_specs:
             value = features[spec.name]
             if spec.dtype == tf.string and spec.width is not None and self.dropout > 0:
                 drop = self._generator.uniform(tf.shape(value)) < self.dropout

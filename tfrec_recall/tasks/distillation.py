@@ -36,15 +36,16 @@ class DistillationLoss(AuxiliaryLoss):
     """KL distillation of a teacher's in-batch scores (Hinton et al. 2015, sec. 2).
 
     With B queries in the batch, the candidates are the first ``N = min(num_candidates or B, B)`` rows of the
-    batch (their in-batch positives). The student's logits are the raw dot products
-    ``s = query_embeddings @ candidate_embeddings[:N]^T`` ([B, N]); the teacher's are
+    batch (their in-batch positives). The student's logits are those its own softmax uses: the dot products
+    ``s = query_embeddings @ candidate_embeddings[:N]^T / T`` ([B, N]), T the retrieval task's temperature when
+    the loss is attached to a model with one (1 otherwise); the teacher's are
     ``t = teacher.score_pairs(features, features[:N], training=False)`` ([B, N], every query row against every
     candidate row; no gradient flows into the teacher). The loss is
 
         ``tau ** 2 * mean_i KL(softmax(t_i / tau) || softmax(s_i / tau))``.
 
-    Only the KL temperature ``tau`` (``temperature``) divides the student's dot products here: the retrieval
-    task's own temperature (which divides the logits of the main in-batch softmax loss) does not apply.
+    Distilling the logits of the student's softmax (Hinton et al.) matters with L2-normalised towers: raw
+    cosines in [-1, 1] could not reach a peaked teacher distribution at tau = 1.
 
     ``teacher``: a Keras layer or model with ``score_pairs(query_features, candidate_features, training)``
     returning ``[Bq, Bc]`` logits; it is frozen (``trainable = False``). Its ``query_feature_specs()`` and
@@ -90,7 +91,7 @@ class DistillationLoss(AuxiliaryLoss):
         batch = tf.shape(query)[0]
         n = batch if self.num_candidates is None else tf.minimum(self.num_candidates, batch)
         candidates = tf.cast(candidate_embeddings, tf.float32)[:n]
-        student = tf.matmul(query, candidates, transpose_b=True)  # [B, N], the raw dot products
+        student = tf.matmul(query, candidates, transpose_b=True) / self._student_temperature()  # [B, N]
         candidate_features = {key: value[:n] for key, value in features.items()}
         teacher = tf.stop_gradient(tf.cast(self.teacher.score_pairs(features, candidate_features, training=False),
                                            tf.float32))
@@ -99,6 +100,11 @@ class DistillationLoss(AuxiliaryLoss):
         student_log_p = tf.nn.log_softmax(student / tau, axis=-1)
         kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)  # [B]
         return tau ** 2 * tf.reduce_mean(kl)
+
+    def _student_temperature(self) -> float:
+        model = self._model_ref.model
+        temperature = getattr(getattr(model, "task", None), "temperature", None)
+        return float(temperature) if temperature else 1.0
 
     def get_config(self):
         return {**super().get_config(), "teacher": _serialize(self.teacher), "temperature": self.temperature,

@@ -2,9 +2,10 @@
 learning, distillation), built from the split: one function per option, each reading only its config keys."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import pandas as pd
+import tensorflow as tf
 
 from tfrec_recall.config import ConfigError, RunConfig
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
@@ -53,8 +54,10 @@ def category_spec(config: RunConfig, split: Split, candidate_specs: Sequence[Fea
     return spec_for_table_kind(split.data.feature_kinds[name]).from_column(name, rows[name], config.side_embedding_dim)
 
 
-def auxiliary_losses(config: RunConfig, split: Split, specs: Dict[str, List[FeatureSpec]]) -> List[AuxiliaryLoss]:
-    """The auxiliary losses ``config`` switches on, in a fixed order, each named as it is logged."""
+def auxiliary_losses(config: RunConfig, split: Split, query_tower, candidate_tower) -> List[AuxiliaryLoss]:
+    """The auxiliary losses ``config`` switches on for these towers, in a fixed order, each named as it is
+    logged."""
+    specs = {"query": query_tower.input_specs, "candidate": candidate_tower.input_specs}
     from tfrec_recall.tasks.contrastive import ContrastiveLoss, correlated_mask_sets
     from tfrec_recall.tasks.dat import AdaptiveMimicLoss, CategoryAlignmentLoss
     losses: List[AuxiliaryLoss] = []
@@ -62,11 +65,15 @@ def auxiliary_losses(config: RunConfig, split: Split, specs: Dict[str, List[Feat
         losses += [AdaptiveMimicLoss("query", weight=config.dat_query_weight, name="mimic_query"),
                    AdaptiveMimicLoss("candidate", weight=config.dat_candidate_weight, name="mimic_candidate")]
     if config.category_alignment_weight > 0:
-        losses.append(CategoryAlignmentLoss(category_spec(config, split, specs["candidate"]),
-                                            weight=config.category_alignment_weight, name="category_alignment"))
+        category = category_spec(config, split, specs["candidate"])
+        try:
+            losses.append(CategoryAlignmentLoss(category, weight=config.category_alignment_weight,
+                                                name="category_alignment"))
+        except ValueError as error:
+            raise ConfigError(f"config key 'category_feature': {error}") from None
     if config.contrastive_weight > 0:
         corpus = corpus_arrays(split, specs["candidate"])
-        names = [s.name for s in specs["candidate"]]
+        names = candidate_tower.encoder.feature_names  # the masked fields
         masks = correlated_mask_sets(corpus, names) if config.contrastive_masking == "correlated" else None
         losses.append(ContrastiveLoss(corpus, weight=config.contrastive_weight,
                                       temperature=config.contrastive_temperature,
@@ -83,6 +90,8 @@ def _distillation(config: RunConfig, split: Split, specs) -> AuxiliaryLoss:
     from tfrec_recall.tasks.distillation import DistillationLoss
     teacher = train_teacher(split, specs["query"], specs["candidate"], epochs=config.teacher_epochs,
                             seed=config.seed)
+    # Seeded again: the student's initialisation is then the same as without distillation.
+    tf.keras.utils.set_random_seed(config.seed)
     return DistillationLoss(teacher, weight=config.distillation_weight,
                             temperature=config.distillation_temperature,
                             num_candidates=config.distillation_candidates, name="distillation")

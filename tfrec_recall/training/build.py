@@ -69,8 +69,7 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
                          in_batch_negatives=config.negatives != "global", name="retrieval")
     return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler,
                     logq_correction=config.logq_correction, weight_feature=config.weight_column,
-                    auxiliary_losses=auxiliary_losses(config, split, {"query": query_tower.input_specs,
-                                                                     "candidate": candidate_tower.input_specs}))
+                    auxiliary_losses=auxiliary_losses(config, split, query_tower, candidate_tower))
 
 
 def make_optimizer(config: RunConfig):

@@ -142,13 +142,15 @@ class Tower(tf.keras.Model):
 
     def fields(self, inputs, field_mask=None) -> List[tf.Tensor]:
         """The field embeddings :meth:`combine` reads: the features' (each times its column of ``field_mask``
-        ``[batch, len(features)]`` when given), then the augmented vector (never masked)."""
+        ``[batch, len(features)]`` when given), then the augmented vector (zeros in a masked call: a contrastive
+        view must not see an id-unique vector)."""
         fields = self.encoder(inputs)
         if field_mask is not None:
             mask = tf.cast(field_mask, fields[0].dtype)
             fields = [f * mask[:, i:i + 1] for i, f in enumerate(fields)]
         if self.augment_encoder is not None:
-            fields.append(self.augmented_vector(inputs))
+            augmented = self.augmented_vector(inputs)
+            fields.append(augmented if field_mask is None else tf.zeros_like(augmented))
         return fields
 
     def combine(self, fields: List[tf.Tensor], training=None) -> tf.Tensor:
