@@ -58,13 +58,14 @@ class AdaptiveMimicLoss(AuxiliaryLoss):
         return {**super().get_config(), "side": self.side}
 
 
-def category_covariances(vectors: tf.Tensor, one_hot: tf.Tensor):
-    """``(covariances [C, d, d], counts [C])`` of the rows of ``vectors`` ``[B, d]`` in each category (columns
-    of the 0/1 ``one_hot`` ``[B, C]``): unbiased (divided by n_c - 1); rows of categories with n_c < 2 are 0."""
-    counts = tf.reduce_sum(one_hot, axis=0)  # [C]
-    members = tf.transpose(one_hot)[:, :, None] * vectors[None, :, :]  # [C, B, d]
-    sums = tf.reduce_sum(members, axis=1)  # [C, d]
-    second = tf.matmul(members, members, transpose_a=True)  # [C, d, d]: sum over members of x x^T
+def category_covariances(vectors: tf.Tensor, groups: tf.Tensor, num_groups):
+    """``(covariances [G, d, d], counts [G])`` of the rows of ``vectors`` ``[B, d]`` in each group (``groups``
+    ``[B]`` in ``[0, num_groups)``): unbiased (divided by n_g - 1); groups with n_g < 2 get 0. Memory is
+    O(B d^2) whatever the number of categories: only the batch's own categories are groups."""
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(vectors[:, 0]), groups, num_groups)  # [G]
+    sums = tf.math.unsorted_segment_sum(vectors, groups, num_groups)  # [G, d]
+    outer = vectors[:, :, None] * vectors[:, None, :]  # [B, d, d]
+    second = tf.math.unsorted_segment_sum(outer, groups, num_groups)  # [G, d, d]: sum over members of x x^T
     n = counts[:, None, None]
     centred = second - sums[:, :, None] * sums[:, None, :] / tf.maximum(n, 1.0)
     return tf.where(n >= 2.0, centred / tf.maximum(n - 1.0, 1.0), tf.zeros_like(centred)), counts
@@ -86,7 +87,6 @@ class CategoryAlignmentLoss(AuxiliaryLoss):
         self.category = spec
         self._lookup = tf.keras.layers.StringLookup(vocabulary=list(spec.vocabulary), num_oov_indices=1,
                                                     name="category_lookup")
-        self.num_categories = len(spec.vocabulary) + 1
 
     def feature_specs(self) -> List[FeatureSpec]:
         return [self.category]
@@ -95,12 +95,14 @@ class CategoryAlignmentLoss(AuxiliaryLoss):
         if self.category.name not in features:
             raise KeyError(f"category feature {self.category.name!r} is not in the batch; got {sorted(features)}")
         index = self._lookup(first_of(tf.convert_to_tensor(features[self.category.name])))
-        one_hot = tf.one_hot(index, self.num_categories, dtype=tf.float32)
+        categories, groups = tf.unique(index)  # the batch's categories, in order of first appearance
+        num_groups = tf.shape(categories)[0]
         vectors = tf.cast(candidate_embeddings, tf.float32)
-        covariances, counts = category_covariances(vectors, one_hot)
-        major = tf.argmax(counts)
-        distances = tf.reduce_sum(tf.square(covariances - covariances[major][None]), axis=[1, 2])  # [C]
-        others = tf.logical_and(counts >= 2.0, tf.not_equal(tf.range(self.num_categories, dtype=major.dtype), major))
+        covariances, counts = category_covariances(vectors, groups, num_groups)
+        # The majority category (ties: the lowest category index, whatever the batch order).
+        major = tf.argmin(tf.where(counts == tf.reduce_max(counts), categories, tf.reduce_max(categories) + 1))
+        distances = tf.reduce_sum(tf.square(covariances - covariances[major][None]), axis=[1, 2])  # [G]
+        others = tf.logical_and(counts >= 2.0, tf.not_equal(tf.range(num_groups, dtype=major.dtype), major))
         d = tf.cast(tf.shape(vectors)[1], tf.float32)
         return tf.reduce_sum(tf.where(others, distances, 0.0)) / (4.0 * d * d)
 
