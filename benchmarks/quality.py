@@ -265,9 +265,31 @@ def write_options_report(options, segments, split, out: Path) -> None:
             "counts only the test users whose held-out item is in it.\n\nCommand: `make benchmark` "
             "(= `.venv/bin/python benchmarks/quality.py`).\n\n" + "\n".join(lines)
             + "\n\n## The 5 genres with the fewest items\n\n" + "\n".join(genre_lines) + "\n")
-    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".md").write_text(text + f"\n![options]({out.name}.png)\n")
     out.with_suffix(".json").write_text(json.dumps(options, indent=2))
+    _plot_options(options, out.with_suffix(".png"))
     print(text)
+
+
+def _plot_options(options, path):
+    """Test HR@50 overall, on tail items and on recent items per option (mean ± sd over the seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(options) + 1.4))
+    y = np.arange(len(options))
+    series = [("all items", lambda r: r["summary"]["HR@50"]), ("tail items", lambda r: r["segments"]["tail"]),
+              ("recent items", lambda r: r["segments"]["recent"])]
+    for offset, (label, get) in zip((-0.27, 0.0, 0.27), series):
+        ax.barh(y + offset, [get(r)[0] for r in options], height=0.25, xerr=[get(r)[1] for r in options],
+                capsize=2, label=label)
+    ax.set_yticks(y, [r["name"] for r in options], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test HR@50, mean ± sd over 3 seeds (ML-100K, leave-last-out, full corpus)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _cell(summary, key):
