@@ -120,7 +120,9 @@ def test_serve_examples_and_evaluate_on_arrays_ask_as_the_server_does(exported, 
         assert evaluate(model, arrays, candidates=table) == as_served, name
 
 
-def test_the_local_server_and_grpc_client_answer_every_option(exported):
+@pytest.fixture(scope="module")
+def server(exported):
+    """One `tfrec-recall serve` process answering every option's export under the option's name."""
     root, models = exported
     config = root / "models.config"
     config.write_text("model_config_list {\n" + "".join(
@@ -129,19 +131,24 @@ def test_the_local_server_and_grpc_client_answer_every_option(exported):
                                 str(config), "--port", "0", "--poll-seconds", "5"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        port = _wait_for_port(process)
-        for name, entry in models.items():
-            signature = tf.saved_model.load(str(root / name / "1")).signatures["serving_default"]
-            wanted = signature.structured_input_signature[1]
-            features = {k: v for k, v in entry["features"].items() if k in wanted}
-            expected = signature(**{k: tf.constant(v) for k, v in features.items()})
-            with GrpcClient(f"127.0.0.1:{port}", name) as client:
-                out = client.predict(features)
-            np.testing.assert_array_equal(out["item_ids"], expected["item_ids"].numpy(), err_msg=name)
-            np.testing.assert_allclose(out["scores"], expected["scores"].numpy(), rtol=1e-5, atol=1e-6)
+        yield _wait_for_port(process)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_the_local_server_and_grpc_client_answer_the_option(exported, server, name):
+    root, models = exported
+    entry = models[name]
+    signature = tf.saved_model.load(str(root / name / "1")).signatures["serving_default"]
+    wanted = signature.structured_input_signature[1]
+    features = {k: v for k, v in entry["features"].items() if k in wanted}
+    expected = signature(**{k: tf.constant(v) for k, v in features.items()})
+    with GrpcClient(f"127.0.0.1:{server}", name) as client:
+        out = client.predict(features)
+    np.testing.assert_array_equal(out["item_ids"], expected["item_ids"].numpy())
+    np.testing.assert_allclose(out["scores"], expected["scores"].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_switches_options_on_with_set(tmp_path, monkeypatch, capsys):
