@@ -319,7 +319,7 @@ def write_report(rows, split, args, out: Path) -> None:
             f"epoch restored, at most {args.max_epochs} epochs); test numbers are mean ± sd over seeds "
             f"{', '.join(map(str, SEEDS))} of the chosen configuration, reported once. Batch 512, Adam, "
             "L2-normalised 64-d outputs; mixed = in-batch plus 2048 uniform corpus negatives per step, logQ = "
-            "log(B q + M u) of each candidate. 2-core CPU machine.\n\nReference (PROTOCOL.md): TFRS tutorial "
+            "log(B q + M u) of each candidate. 2-core CPU machine; the training s column is the wall time of the seed-0 run, measured while other jobs shared the machine for the option rows (not comparable across rows).\n\nReference (PROTOCOL.md): TFRS tutorial "
             "two-tower HR@10/50/100 0.062/0.257/0.388; EASE 0.139/0.394/0.555.\n\nCommand: `make benchmark` "
             "(= `.venv/bin/python benchmarks/quality.py`; runs are logged in `quality_runs.jsonl`).\n")
     out.with_suffix(".md").write_text("# Retrieval quality on MovieLens 100K\n\n" + note + "\n" + "\n".join(lines)
