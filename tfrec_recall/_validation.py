@@ -29,3 +29,11 @@ def require_finite_nonnegative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def require_finite_positive(name: str, value) -> float:
+    """``value`` must be a finite real number > 0, not a bool (message: "NAME must be a finite number > 0,
+    got VALUE")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)

@@ -20,14 +20,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from tfrec_recall._validation import require_int, require_positive_int
+from tfrec_recall._validation import require_finite_positive, require_int, require_positive_int
 from tfrec_recall.data.schema import ITEM_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.tfdata import to_tensors
 from tfrec_recall.evaluation.evaluate import corpus_arrays
 from tfrec_recall.features import FeatureEncoder, FeatureSpec, SpecLike, as_spec, feature_arrays
 from tfrec_recall.layers.towers.base import check_units, model_base_config
-from tfrec_recall.tasks.distillation import require_finite_positive
 
 LABEL = "label"
 
@@ -200,7 +199,8 @@ def train_teacher(split: Split, query_specs: Sequence[SpecLike], candidate_specs
     cross-entropy (Adam, ``learning_rate``) on ``split.train`` rows as positives and ``num_negatives`` uniform
     corpus items per row as negatives, for ``epochs`` epochs. Seeded: ``seed`` draws the negatives, shuffles
     the examples and, through ``tf.keras.utils.set_random_seed`` (global, as ``training.build.set_seed``),
-    initialises the weights. ``verbose`` 0 is silent, 1 or 2 print the epoch's mean loss. To distil into a student, pass the student's own specs
+    initialises the weights. ``verbose`` 0 is silent, 1 or 2 print the epoch's mean loss. To distil into a
+    student, pass the student's own specs
     (``model.query_feature_specs()``, ``model.candidate_feature_specs()``) so that the training batch carries
     each feature once with one spec."""
     _check_training_arguments(split, epochs, batch_size, num_negatives, learning_rate, seed, verbose)

@@ -43,7 +43,8 @@ def _discrete(values: np.ndarray, bins: int = 10) -> np.ndarray:
     if values.ndim == 2:
         values = np.array(["|".join(map(str, row)) for row in values], dtype=object)
     if values.dtype.kind == "f":
-        edges = np.unique(np.nanquantile(values, np.linspace(0, 1, bins + 1)[1:-1])) if np.isfinite(values).any() else []
+        finite = np.isfinite(values).any()
+        edges = np.unique(np.nanquantile(values, np.linspace(0, 1, bins + 1)[1:-1])) if finite else []
         return np.where(np.isnan(values), -1, np.searchsorted(edges, np.nan_to_num(values)))
     return pd.factorize(pd.Series(values.astype(str)))[0]
 
@@ -146,4 +147,5 @@ class ContrastiveLoss(AuxiliaryLoss):
         sampler = self.sampler.get_config()
         return {**super().get_config(), "corpus_features": sampler["candidate_features"],
                 "temperature": self.temperature, "batch_size": self.batch_size, "dropout": self.dropout,
-                "mask_sets": None if self.mask_sets is None else [list(row) for row in self.mask_sets], "id_feature": sampler["id_feature"], "seed": self.seed}
+                "mask_sets": None if self.mask_sets is None else [list(row) for row in self.mask_sets],
+                "id_feature": sampler["id_feature"], "seed": self.seed}

@@ -5,7 +5,8 @@ Large-scale Recommendation", DLP-KDD; DAT).
   per-user vector a_u in the query tower, a per-item vector a_v in the candidate tower), of the towers' output
   width. Serving needs nothing extra: the vector is looked up from the same raw inputs.
 * Adaptive-Mimic Mechanism (the paper's loss_u and loss_v): ``loss_u = mean over positive pairs of
-  ||a_u - p_v||^2`` and ``loss_v = mean of ||a_v - p_u||^2``, the other tower's output ``p`` held constant (stop-gradient), so each
+  ||a_u - p_v||^2`` and ``loss_v = mean of ||a_v - p_u||^2``, the other tower's output ``p`` held constant
+  (stop-gradient), so each
   augmented vector learns the positive interactions of the other side. In-batch softmax batches hold positive
   pairs only (label 1), so the mean is over the batch. :class:`AdaptiveMimicLoss` with ``side="query"`` is
   loss_u (its ``weight`` lambda_u), ``side="candidate"`` loss_v (lambda_v).

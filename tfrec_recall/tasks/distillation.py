@@ -10,25 +10,15 @@ two towers cannot (the distillation row of the survey's training-objective table
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional
 
 import tensorflow as tf
 
-from tfrec_recall._validation import require_positive_int
+from tfrec_recall._validation import require_finite_positive, require_positive_int
 from tfrec_recall.tasks.auxiliary import AuxiliaryLoss
 
 _serialize = tf.keras.utils.serialize_keras_object
 _deserialize = tf.keras.utils.deserialize_keras_object
-
-
-def require_finite_positive(name: str, value) -> float:
-    """``value`` must be a finite real number > 0, not a bool (message: "NAME must be a finite number > 0,
-    got VALUE")."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
