@@ -100,11 +100,29 @@ def test_label_aware_attention_golden_value_and_limits():
     # p = 0: equal weights, s = (2 + 3) / 2 = 2.5; large p: the hard max, s -> max(2, 3) = 3.
     assert float(LabelAwareAttentionScorer(power=0.0)(interests, y)[0, 0]) == pytest.approx(2.5, rel=1e-6)
     assert float(LabelAwareAttentionScorer(power=30.0)(interests, y)[0, 0]) == pytest.approx(3.0, rel=1e-5)
+    # p = inf: exactly the hard max, 3 (ComiRec's argmax readout).
+    assert float(LabelAwareAttentionScorer(power=float("inf"))(interests, y)[0, 0]) == 3.0
+
+
+def test_label_aware_attention_hard_max_with_targets_and_mask():
+    """ComiRec (Cen et al. 2020, Sec. 3.3): v_u = V_u[:, argmax_k <u_k, e_label>] over the valid interests,
+    scored against every candidate; the gradient reaches only the chosen interest."""
+    interests = tf.Variable(INTERESTS)
+    with tf.GradientTape() as tape:
+        got = LabelAwareAttentionScorer(power=float("inf"))(interests, CANDIDATES, targets=TARGETS,
+                                                            interest_mask=MASK)
+        total = tf.reduce_sum(got)
+    gradient = tape.gradient(total, interests).numpy()
+    for b in range(B):
+        valid = [k for k in range(K) if MASK[b, k]]
+        best = max(valid, key=lambda k: float(INTERESTS[b, k] @ TARGETS[b]))
+        np.testing.assert_allclose(got.numpy()[b], CANDIDATES @ INTERESTS[b, best], rtol=1e-5, atol=1e-6)
+        assert [k for k in range(K) if np.any(gradient[b, k] != 0)] == [best]
 
 
 def test_scorer_errors_name_argument_and_value():
     for bad in (-1.0, float("nan"), True, "2"):
-        with pytest.raises(ValueError, match=r"power must be a finite number >= 0, got"):
+        with pytest.raises(ValueError, match=r"power must be a number >= 0 or inf, got"):
             LabelAwareAttentionScorer(power=bad)
     with pytest.raises(ValueError, match=r"MaxInterestScorer needs queries of shape \[batch, num_interests, dim\]"):
         MaxInterestScorer()(INTERESTS[:, 0], CANDIDATES)

@@ -54,6 +54,11 @@ _PUBLIC = {
     "ContrastiveLoss": "tfrec_recall.tasks.contrastive", "DistillationLoss": "tfrec_recall.tasks.distillation",
     "CrossFeatureRanker": "tfrec_recall.models.teacher", "train_teacher": "tfrec_recall.models.teacher",
     "make_drifting": "tfrec_recall.data",
+    # Sequence and multi-interest user models (README "Sequence and multi-interest user models")
+    "SelfAttentiveTower": "tfrec_recall.layers.towers", "MINDTower": "tfrec_recall.layers.towers",
+    "ComiRecSATower": "tfrec_recall.layers.towers", "ComiRecDRTower": "tfrec_recall.layers.towers",
+    "LabelAwareAttentionScorer": "tfrec_recall.layers.interest", "make_multi_interest": "tfrec_recall.data",
+    "interest_recovery": "tfrec_recall.evaluation", "intra_list_diversity": "tfrec_recall.evaluation",
 }
 __all__ = sorted(_PUBLIC)
 

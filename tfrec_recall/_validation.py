@@ -37,3 +37,10 @@ def require_finite_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def require_dropout(name: str, value) -> float:
+    """``value`` must be a real number in [0, 1), not a bool (message: "NAME must be in [0, 1), got VALUE")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)

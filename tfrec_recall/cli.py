@@ -249,8 +249,7 @@ def _export(args) -> int:
         loaded = tf.saved_model.load(str(path))
         out = loaded.signatures["serving_default"](**tensors)
         history = _history_feature(path)
-        expected = index(run.query_tower(tensors), k=args.k, exclude=tensors[history] if history else None)
-        expected = expected[1].numpy()
+        expected = _in_memory_answer(run.query_tower, index, tensors, args.k, history)
         same = bool(np.array_equal(out["item_ids"].numpy(), expected))
         for user, ids, scores in zip(rows["user_id"], out["item_ids"].numpy(), out["scores"].numpy()):
             top = ", ".join(f"{i.decode()} ({s:.3f})" for i, s in list(zip(ids, scores))[:5])
@@ -259,6 +258,17 @@ def _export(args) -> int:
         if not same:
             return 1
     return 0
+
+
+def _in_memory_answer(query_tower, index, tensors, k: int, history: Optional[str]):
+    """The top-k ids the in-memory tower and index give (a multi-interest tower's K queries merged)."""
+    from tfrec_recall.retrievers import MultiQueryRetriever
+    queries = query_tower(tensors)
+    exclude = tensors[history] if history else None
+    if getattr(query_tower, "multi_interest", False):
+        return MultiQueryRetriever(index)(queries, k=k, exclude=exclude,
+                                          query_mask=query_tower.interest_mask(tensors))[1].numpy()
+    return index(queries, k=k, exclude=exclude)[1].numpy()
 
 
 def _history_feature(path) -> Optional[str]:

@@ -84,6 +84,15 @@ class RunConfig:
     distillation_temperature: float = 1.0
     distillation_candidates: int = 64
     teacher_epochs: int = 3
+    # Sequence and multi-interest query towers (query_tower self_attentive, mind, comirec_dr, comirec_sa): K
+    # interests per user, routing rounds (MIND, ComiRec-DR), the label-aware attention power p of training (null:
+    # the tower's paper setting, 2 for MIND, inf = hard max for ComiRec) and the self-attention encoder's shape
+    num_interests: int = 4
+    routing_iterations: int = 3
+    label_aware_power: Optional[float] = None
+    attention_blocks: int = 2
+    attention_heads: int = 1
+    attention_dropout: float = 0.2
     # Model selection on the validation split: early stopping with best-epoch restore
     selection_metric: str = "HR@50"
     patience: int = 3  # epochs without improvement before stopping; 0 trains all epochs and keeps the last
@@ -113,12 +122,12 @@ class RunConfig:
                                                              and v > 0 for v in value), f.name, value,
                      "must be a list of positive integers")
                 setattr(self, f.name, tuple(value))
-        from tfrec_recall.layers.towers import tower_names  # the tower registry (imports TensorFlow)
+        from tfrec_recall.layers.towers import tower_class, tower_names  # the registry (imports TensorFlow)
         need(self.query_tower in tower_names(), "query_tower", self.query_tower, f"must be one of {tower_names()}")
         need(self.candidate_tower in tower_names(candidate=True), "candidate_tower", self.candidate_tower,
              f"must be one of {tower_names(candidate=True)}")
-        need(self.query_tower != "youtube_dnn" or self.use_history, "query_tower", self.query_tower,
-             "youtube_dnn needs use_history: true")
+        need(not tower_class(self.query_tower).query_only or self.use_history, "query_tower", self.query_tower,
+             f"{self.query_tower} reads the history: it needs use_history: true")
         need(self.use_user_id or self.use_history or self.use_side_features, "use_user_id", self.use_user_id,
              "the query tower needs at least one of use_user_id, use_history, use_side_features")
         need(self.negatives in NEGATIVES, "negatives", self.negatives, f"must be one of {NEGATIVES}")
@@ -172,6 +181,24 @@ class RunConfig:
                  "must be a feature name")
         need(self.category_feature is None or (isinstance(self.category_feature, str) and self.category_feature),
              "category_feature", self.category_feature, "must be null or an item feature name")
+        self._check_sequence_options(need)
+
+    def _check_sequence_options(self, need) -> None:
+        """The sequence and multi-interest towers' keys (issue 12)."""
+        from tfrec_recall.layers.towers import tower_class
+        for key in ("num_interests", "routing_iterations", "attention_blocks", "attention_heads"):
+            need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        need(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "must be in [0, 1)")
+        power = self.label_aware_power
+        need(power is None or (isinstance(power, (int, float)) and not isinstance(power, bool)
+                               and not math.isnan(power) and power >= 0), "label_aware_power", power,
+             "must be null (the tower's paper setting), a number >= 0 or .inf (the hard max)")
+        need(self.embedding_dim % self.attention_heads == 0, "attention_heads", self.attention_heads,
+             f"must divide embedding_dim ({self.embedding_dim}), the self-attention width")
+        if tower_class(self.query_tower).multi_interest:
+            for key in ("dat", "distillation_weight"):
+                need(not getattr(self, key), key, getattr(self, key), f"{key} reads one query vector per user; "
+                     f"the multi-interest query tower {self.query_tower} gives {self.num_interests}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -47,9 +47,9 @@ def evaluate(model, data, which: str = "test", ks: Sequence[int] = (10, 50, 100)
         raise ValueError("positives_in applies to a Split's rows; filter the rows of a dataset yourself")
     features, positives, exclude = query_rows(data, label_column, exclude_column)
     ids, embeddings = candidate_embeddings(model.candidate_tower, candidates)
-    queries = embed(model.query_tower, _tower_inputs(model.query_tower, features, "data"))
-    index = _indexed(retriever, ids, embeddings, max(check_ks(ks)))
-    return evaluate_retriever(index, queries, positives, exclude, ks, progress=progress)
+    queries, mask = embed_queries(model.query_tower, _tower_inputs(model.query_tower, features, "data"))
+    index = _indexed(retriever, ids, embeddings, max(check_ks(ks)), multi_query=mask is not None)
+    return evaluate_retriever(index, queries, positives, exclude, ks, query_mask=mask, progress=progress)
 
 
 def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "test",
@@ -71,12 +71,13 @@ def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "te
     positives_by_user = rows.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
     users = rows.drop_duplicates(USER_ID).reset_index(drop=True)
     embeddings = embed(candidate_tower, corpus_arrays(split, candidate_tower.input_specs))
-    queries = embed(query_tower, feature_arrays(users, split.data, query_tower.input_specs))
+    queries, mask = embed_queries(query_tower, feature_arrays(users, split.data, query_tower.input_specs))
     positives = [positives_by_user[u] for u in users[USER_ID]]
     exclude = [list(split.train_items.get(u, [])) + [i for i in held_out[u] if i not in set(positives_by_user[u])]
                for u in users[USER_ID]]
-    index = _indexed(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)))
-    return evaluate_retriever(index, queries, positives, exclude, ks, progress=progress)
+    index = _indexed(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)),
+                     multi_query=mask is not None)
+    return evaluate_retriever(index, queries, positives, exclude, ks, query_mask=mask, progress=progress)
 
 
 def embed(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
@@ -84,20 +85,36 @@ def embed(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 4096) -> np
     return np.concatenate(outputs, axis=0)
 
 
-def _indexed(retriever, ids: np.ndarray, embeddings: np.ndarray, depth: int):
+def embed_queries(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 4096
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(query embeddings, interest mask): ``[U, d]`` and None for a single-vector tower; ``[U, K, d]`` and
+    ``[U, K]`` bool for a multi-interest one."""
+    if not getattr(tower, "multi_interest", False):
+        return embed(tower, arrays, batch_size), None
+    queries, masks = [], []
+    for batch in make_dataset(arrays, batch_size):
+        queries.append(tower(batch, training=False).numpy())
+        masks.append(tower.interest_mask(batch).numpy())
+    return np.concatenate(queries, axis=0), np.concatenate(masks, axis=0)
+
+
+def _indexed(retriever, ids: np.ndarray, embeddings: np.ndarray, depth: int, multi_query: bool = False):
     """``retriever`` built over the candidates (an unbuilt one is built here; a built one is used as is), or a
-    new exact BruteForce index with one id of look-ahead beyond ``depth``."""
+    new exact BruteForce index with one id of look-ahead beyond ``depth``; with ``multi_query`` (K queries per
+    user), an index that is not a MultiQueryRetriever is wrapped in one (max-score merge)."""
     bad = int(np.sum(~np.isfinite(embeddings).all(axis=1)))
     if bad:
         raise ValueError(f"{bad} of {len(embeddings)} candidate embeddings are NaN or infinite: the model is broken "
                          "(a non-finite loss or embedding), not rankable")
     if retriever is None:
-        return BruteForce(max_k=depth + 1).index(ids, embeddings)
+        retriever = BruteForce(max_k=depth + 1).index(ids, embeddings)
     if not isinstance(retriever, Retriever):
         raise TypeError(f"retriever must be a Retriever (BruteForce, IVF, ScaNN, MultiQueryRetriever), got "
                         f"{type(retriever).__name__}")
     if not retriever.is_built:  # an unbuilt index (or the index inside a multi-query retriever) gets the corpus
         (retriever.index if isinstance(retriever, MultiQueryRetriever) else retriever).index(ids, embeddings)
+    if multi_query and not isinstance(retriever, MultiQueryRetriever):
+        retriever = MultiQueryRetriever(retriever)
     return retriever
 
 

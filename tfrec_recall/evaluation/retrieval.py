@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.evaluation.ranked import Block, check_ks, open_lists, ranked_list_metrics
 from tfrec_recall.retrievers.brute_force import BruteForce
+from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
 from tfrec_recall.retrievers.protocol import Retriever
 
 
@@ -90,9 +91,11 @@ def _closed_lists(retriever, queries, positives, exclude, depth: int, mask):
     k = min(depth + 1, retriever.max_k)
     scores, ids = _search(retriever, queries, k, exclude, mask)
     still = open_lists(scores, ids, depth)
-    if isinstance(retriever, BruteForce):
+    exact = _exact_index(retriever)
+    if exact is not None:
         rows = np.flatnonzero(still)
-        blocks = _exact_blocks(retriever, queries[rows], [positives[r] for r in rows], [exclude[r] for r in rows])
+        blocks = _exact_blocks(exact, queries[rows], [positives[r] for r in rows], [exclude[r] for r in rows],
+                               None if mask is None else np.asarray(mask)[rows])
         return scores, ids, dict(zip(rows.tolist(), blocks))
     while still.any() and k < retriever.max_k:
         k = min(2 * k, retriever.max_k)
@@ -105,13 +108,31 @@ def _closed_lists(retriever, queries, positives, exclude, depth: int, mask):
     return scores, ids, {}
 
 
-def _exact_blocks(index: BruteForce, queries: np.ndarray, positives, exclude) -> List[List[Block]]:
-    """(h, t) of every positive over the whole corpus with the user's exclusions, scored as the index scores."""
+def _exact_index(retriever) -> Optional[BruteForce]:
+    """The BruteForce index whose scores rank the whole corpus exactly: the retriever itself, or the index of a
+    max-merging MultiQueryRetriever (an item's merged score is its best score over the interests, and each
+    interest searches at least as deep as the list: the merged top equals the corpus ranked by that score)."""
+    if isinstance(retriever, BruteForce):
+        return retriever
+    if (isinstance(retriever, MultiQueryRetriever) and isinstance(retriever.index, BruteForce)
+            and retriever.diversity == 0 and retriever.per_query_k == retriever.max_k):
+        return retriever.index
+    return None
+
+
+def _exact_blocks(index: BruteForce, queries: np.ndarray, positives, exclude, mask=None) -> List[List[Block]]:
+    """(h, t) of every positive over the whole corpus with the user's exclusions, scored as the index scores
+    (K queries per user ``[U, K, d]``: an item's score is its best over the valid interests of ``mask``)."""
     if not len(queries):
         return []
     candidates = index.candidates
-    scores = tf.cast(tf.linalg.matmul(tf.cast(queries, candidates.dtype), candidates, transpose_b=True), tf.float32)
+    flat = queries.reshape(-1, queries.shape[-1])
+    scores = tf.cast(tf.linalg.matmul(tf.cast(flat, candidates.dtype), candidates, transpose_b=True), tf.float32)
     scores = scores.numpy()
+    if queries.ndim == 3:
+        scores = scores.reshape(queries.shape[0], queries.shape[1], -1)
+        valid = np.ones(queries.shape[:2], bool) if mask is None else np.asarray(mask, bool)
+        scores = np.where(valid[:, :, None], scores, -np.inf).max(axis=1)
     row_of = {item: r for r, item in enumerate(np.char.decode(index.ids.numpy().astype(bytes), "utf-8"))}
     out = []
     for s, user_positives, user_exclude in zip(scores, positives, exclude):

@@ -14,6 +14,11 @@ increasing integers) with four signatures:
   features missing from an example take ``""`` (OOV / padding) or NaN (the training mean);
 * ``query_embedding``: raw features -> ``query_embedding`` ``[batch, dim]`` float32.
 
+A multi-interest query tower (MIND, ComiRec: K vectors per user) keeps the same signatures, inputs and top-k
+outputs: each of the user's valid interests searches the index and the results are merged
+(:class:`~tfrec_recall.retrievers.MultiQueryRetriever`); ``query_embedding`` then returns ``[batch, K, dim]``
+and ``interest_mask`` ``[batch, K]`` bool, and the manifest records ``num_interests`` and the ``merge``.
+
 Inputs: an ``IdFeature`` is ``[batch]`` string, a multi-valued or sequence feature ``[batch, max_len]`` string
 padded with ``""``, a ``NumericFeature`` ``[batch]`` float32. ``assets/manifest.json`` records the model and
 index types and parameters, candidate count, dimension, k, the signatures with their inputs and outputs,
@@ -41,12 +46,14 @@ import tfrec_recall
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.features.specs import HISTORY, SequenceFeature
 from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
+from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
 from tfrec_recall.retrievers.tuning import DEFAULT_TARGET_RECALL
 from tfrec_recall._validation import require_int, require_positive_int
 
 OUTPUT_IDS = "item_ids"
 OUTPUT_SCORES = "scores"
 OUTPUT_EMBEDDING = "query_embedding"
+OUTPUT_INTEREST_MASK = "interest_mask"
 EXAMPLES_INPUT = "examples"
 EXCLUDE_INPUT = "exclude_item_ids"
 SIGNATURE_DEFAULT = "serving_default"
@@ -77,10 +84,18 @@ def example_parse_spec(tower) -> Dict[str, tf.io.FixedLenFeature]:
 class RetrievalModule(tf.Module):
     """The exported object: query tower + index, with the serving functions."""
 
-    def __init__(self, query_tower, index: TopKIndex, k: int, exclude_history: bool):
+    def __init__(self, query_tower, index: TopKIndex, k: int, exclude_history: bool,
+                 merge: Optional[MultiQueryRetriever] = None):
         super().__init__()
         self.query_tower = query_tower
         self.retrieval_index = index
+        self.multi_interest = bool(getattr(query_tower, "multi_interest", False))
+        if self.multi_interest and merge is None:
+            merge = MultiQueryRetriever(index)
+        if merge is not None and (not self.multi_interest or merge.index is not index):
+            raise ValueError("merge (a MultiQueryRetriever over the exported index) applies to a multi-interest "
+                             f"query tower only, got {type(query_tower).__name__}")
+        self.merge = merge
         self.k = k
         self.history_feature = None
         if exclude_history:
@@ -108,7 +123,11 @@ class RetrievalModule(tf.Module):
             with tf.control_dependencies([check]):
                 exclude_item_ids = tf.identity(exclude_item_ids)
             exclude = exclude_item_ids if exclude is None else tf.concat([exclude, exclude_item_ids], axis=1)
-        scores, ids = self.retrieval_index(query, k=self.k, exclude=exclude)
+        if self.merge is not None:  # K interests: each searched, then merged
+            scores, ids = self.merge(query, k=self.k, exclude=exclude,
+                                     query_mask=self.query_tower.interest_mask(features))
+        else:
+            scores, ids = self.retrieval_index(query, k=self.k, exclude=exclude)
         return {OUTPUT_IDS: ids, OUTPUT_SCORES: scores}
 
     def _serve(self, features):
@@ -119,7 +138,10 @@ class RetrievalModule(tf.Module):
         return self._retrieve(features, inputs[EXCLUDE_INPUT])
 
     def _embed(self, features):
-        return {OUTPUT_EMBEDDING: self.query_tower(features, training=False)}
+        out = {OUTPUT_EMBEDDING: self.query_tower(features, training=False)}
+        if self.multi_interest:
+            out[OUTPUT_INTEREST_MASK] = self.query_tower.interest_mask(features)
+        return out
 
     def _serve_examples(self, examples):
         return self._retrieve(tf.io.parse_example(examples, self._parse_spec))
@@ -204,11 +226,19 @@ def _candidates(model, candidates) -> Tuple[np.ndarray, np.ndarray]:
 
 def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndarray], Mapping[str, np.ndarray]], *,
                            index: Union[str, TopKIndex] = "brute_force", export_dir_base, k: int = 100,
-                           version: Optional[int] = None, exclude_history: bool = True) -> Path:
+                           version: Optional[int] = None, exclude_history: bool = True,
+                           per_query_k: Optional[int] = None, diversity: float = 0.0,
+                           item_categories: Optional[Mapping[str, str]] = None) -> Path:
     """Exports ``model`` (a ``TwoTower`` or a query tower) with an index over ``candidates``: (ids,
     embeddings), or an item table (item feature arrays with ``item_id``, embedded by the model's candidate
     tower; the training data is not needed). An index instance that was not built yet is built over the
-    candidates. Returns the version directory."""
+    candidates. Returns the version directory.
+
+    A multi-interest query tower (K vectors per user) is served by a
+    :class:`~tfrec_recall.retrievers.MultiQueryRetriever` over the index: each valid interest retrieves
+    ``per_query_k`` items (None: the index's ``max_k``), merged by best score, or with ``diversity`` > 0 by
+    ComiRec's greedy aggregation over ``item_categories`` (item id -> category); the manifest records K and the
+    merge."""
     query_tower = getattr(model, "query_tower", model)
     if not hasattr(query_tower, "encoder"):
         raise TypeError(f"model must be a TwoTower or a tfrec_recall tower, got {type(model).__name__}")
@@ -231,7 +261,8 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
     final = base / str(version)
     if final.exists():
         raise FileExistsError(f"{final} exists; versions are never overwritten")
-    module = RetrievalModule(query_tower, index, k, exclude_history)
+    merge = _merge(query_tower, index, ids, per_query_k, diversity, item_categories)
+    module = RetrievalModule(query_tower, index, k, exclude_history, merge)
     with atomic_directory(final, base / f".tmp-{version}-{os.getpid()}") as tmp:
         options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if isinstance(index, ScaNN) else None)
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_DEFAULT: module.serve,
@@ -244,17 +275,40 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
     return final
 
 
+def _merge(query_tower, index: TopKIndex, ids: np.ndarray, per_query_k: Optional[int], diversity: float,
+           item_categories: Optional[Mapping[str, str]]) -> Optional[MultiQueryRetriever]:
+    """The multi-query merge of a multi-interest tower (None for a single-vector one; its options refused)."""
+    if not getattr(query_tower, "multi_interest", False):
+        if per_query_k is not None or diversity or item_categories is not None:
+            raise ValueError("per_query_k, diversity and item_categories apply to a multi-interest query tower "
+                             f"only, got {type(query_tower).__name__}")
+        return None
+    merge = MultiQueryRetriever(index, per_query_k=per_query_k, diversity=diversity)
+    if item_categories is not None:
+        missing = [i for i in ids if i not in item_categories]
+        if missing:
+            raise ValueError(f"item_categories has no category for {len(missing)} candidates, e.g. {missing[0]!r}")
+        merge.set_categories(ids, np.array([str(item_categories[i]) for i in ids]))
+    elif diversity:
+        raise ValueError(f"diversity={diversity} needs item_categories (item id -> category)")
+    return merge
+
+
 def signature_manifest(query_tower) -> Dict[str, dict]:
     """Each exported signature's inputs (name -> dtype and shape, None = any) and outputs."""
     features = {name: {"dtype": s.dtype.name, "shape": s.shape.as_list()}
                 for name, s in input_signature(query_tower).items()}
     top_k = {OUTPUT_IDS: "[batch, k] string", OUTPUT_SCORES: "[batch, k] float32"}
+    embedding = {OUTPUT_EMBEDDING: "[batch, dim] float32"}
+    if getattr(query_tower, "multi_interest", False):
+        embedding = {OUTPUT_EMBEDDING: f"[batch, {query_tower.num_interests}, dim] float32",
+                     OUTPUT_INTEREST_MASK: f"[batch, {query_tower.num_interests}] bool"}
     return {
         SIGNATURE_DEFAULT: {"inputs": features, "outputs": top_k},
         SIGNATURE_EXCLUSIONS: {"inputs": {**features, EXCLUDE_INPUT: {"dtype": "string", "shape": [None, None]}},
                                "outputs": top_k},
         SIGNATURE_EXAMPLES: {"inputs": {EXAMPLES_INPUT: {"dtype": "string", "shape": [None]}}, "outputs": top_k},
-        SIGNATURE_EMBEDDING: {"inputs": features, "outputs": {OUTPUT_EMBEDDING: "[batch, dim] float32"}},
+        SIGNATURE_EMBEDDING: {"inputs": features, "outputs": embedding},
     }
 
 
@@ -270,12 +324,15 @@ def _manifest(model, module: RetrievalModule, ids: np.ndarray, embeddings: np.nd
         "embedding_dimension": int(embeddings.shape[1]),
         "candidate_checksum_sha256": candidate_checksum(ids, embeddings),
         "exclude_history_feature": module.history_feature,
+        "num_interests": int(getattr(query_tower, "num_interests", 1)),
+        "merge": None if module.merge is None else module.merge.parameters(),
         "exclusion_input": {"signature": SIGNATURE_EXCLUSIONS, "input": EXCLUDE_INPUT},
         "signatures": signature_manifest(query_tower),
         "inputs": {name: {"dtype": s.dtype.name, "shape": s.shape.as_list()}
                    for name, s in input_signature(query_tower).items()},
         "outputs": {OUTPUT_IDS: "[batch, k] string", OUTPUT_SCORES: "[batch, k] float32",
-                    OUTPUT_EMBEDDING: "[batch, dim] float32 (signature query_embedding)"},
+                    **{name: f"{shape} (signature query_embedding)"
+                       for name, shape in signature_manifest(query_tower)[SIGNATURE_EMBEDDING]["outputs"].items()}},
         "requires_custom_ops": ["Scann"] if isinstance(index, ScaNN) else [],
         "versions": {"tfrec_recall": tfrec_recall.__version__, "tensorflow": tf.__version__,
                      "python": sys.version.split()[0]},

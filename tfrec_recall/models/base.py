@@ -34,6 +34,7 @@ from tfrec_recall._validation import require_positive_int
 from tfrec_recall.evaluation.evaluate import corpus_arrays
 from tfrec_recall.layers.towers import model_base_config
 from tfrec_recall.retrievers.base import TopKIndex
+from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
 from tfrec_recall.retrievers.registry import index_class
 from tfrec_recall.tasks.auxiliary import AlignmentLoss, AuxiliaryLoss, dedupe_specs  # noqa: F401  (re-exported)
 
@@ -48,7 +49,7 @@ class _Untracked:
 
     def __init__(self):
         self.trackers: Dict[str, tf.keras.metrics.Mean] = {}
-        self.retriever: Optional[TopKIndex] = None
+        self.retriever = None  # the index, or a MultiQueryRetriever over it
 
 
 def _padded_exclusions(exclude: Sequence[Sequence[str]], num_users: int) -> tf.Tensor:
@@ -192,7 +193,8 @@ class RetrievalModel(tfrs.Model):
             raise TypeError(f"index must be an index name or a TopKIndex, got {index!r}")
         if isinstance(candidates, Mapping):
             candidates = self._embed_in_batches(candidates, batch_size)
-        self._untracked.retriever = index.index(ids, candidates)
+        index.index(ids, candidates)
+        self._untracked.retriever = MultiQueryRetriever(index) if self.multi_interest else index
         return index
 
     def _embed_in_batches(self, features: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
@@ -200,8 +202,9 @@ class RetrievalModel(tfrs.Model):
         return np.concatenate([self.embed_candidates(b, training=False).numpy() for b in batches], axis=0)
 
     @property
-    def retriever(self) -> Optional[TopKIndex]:
-        """The index built by :meth:`index_candidates` (``None`` before)."""
+    def retriever(self):
+        """What :meth:`recommend` searches: the index built by :meth:`index_candidates` (``None`` before), in a
+        :class:`MultiQueryRetriever` for a multi-interest model."""
         return self._untracked.retriever
 
     def recommend(self, user_features, k: int = 10,
@@ -215,7 +218,19 @@ class RetrievalModel(tfrs.Model):
         queries = self(user_features, training=False)
         if exclude is not None:
             exclude = _padded_exclusions(exclude, int(queries.shape[0]))
+        if self.multi_interest:
+            return self._untracked.retriever(queries, k=k, exclude=exclude,
+                                             query_mask=self.query_interest_mask(user_features))
         return self._untracked.retriever(queries, k=k, exclude=exclude)
+
+    @property
+    def multi_interest(self) -> bool:
+        """True when ``call`` gives K query vectors per user (``[batch, K, d]``); subclasses say."""
+        return False
+
+    def query_interest_mask(self, features):
+        """``[batch, K]`` bool, the valid query vectors of a multi-interest model; None otherwise."""
+        return None
 
     # -- configuration -------------------------------------------------------------------------------------
     def get_config(self):

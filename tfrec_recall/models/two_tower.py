@@ -3,7 +3,10 @@
 Variants are made by what is plugged in, not by flags:
 
 * ids only / side features: the towers' feature specs;
-* DSSM MLP, SENet, residual or YouTubeDNN user tower: the tower classes;
+* DSSM MLP, SENet, residual, YouTubeDNN or self-attentive (SASRec) user tower: the tower classes;
+* multi-interest users (MIND, ComiRec): a multi-interest query tower (``[batch, K, d]`` and its
+  ``interest_mask``) with a multi-interest scorer in the task (MIND's label-aware attention; its hard max for
+  ComiRec); ``recommend`` and the export search each interest and merge;
 * sampling-bias correction (``logq_correction=True``): every candidate column's logit is corrected by
   log Q(y), Q(y) = B * q(y) + M * u(y), the expected number of copies of y among the step's candidates:
   B * q(y) from a ``StreamingFrequencyEstimator`` over the step's positives (in-batch candidates) and
@@ -30,6 +33,7 @@ from tfrec_recall.layers.sampling.frequency import StreamingFrequencyEstimator
 from tfrec_recall.layers.sampling import CorpusNegativeSampler
 from tfrec_recall.layers.towers import Tower
 from tfrec_recall.models.base import AuxiliaryLoss, RetrievalModel
+from tfrec_recall.layers.interest.scorers import DotScorer
 from tfrec_recall.tasks.retrieval import RetrievalTask
 
 MIN_EXPECTED_COUNT = 1e-6  # floor of Q(y) before the log: an item neither seen nor sampleable
@@ -62,6 +66,7 @@ class TwoTower(RetrievalModel):
         self.weight_feature = weight_feature
         self.logq_correction = bool(logq_correction)
         self._check_negatives()
+        self._check_scorer()
         self.add_auxiliary_losses(auxiliary_losses)
 
     def _check_negatives(self):
@@ -75,6 +80,25 @@ class TwoTower(RetrievalModel):
         if self.logq_correction and in_batch and self.frequency_estimator is None:
             raise ValueError("logq_correction=True with in-batch negatives needs a frequency_estimator (the "
                              "expected count of each in-batch candidate)")
+
+    @property
+    def multi_interest(self) -> bool:
+        """True when the query tower gives K interest vectors per user (``[batch, K, d]``)."""
+        return bool(getattr(self.query_tower, "multi_interest", False))
+
+    def _check_scorer(self):
+        single = isinstance(self.task.scorer, DotScorer)
+        if self.multi_interest and single:
+            raise ValueError(f"the query tower {type(self.query_tower).__name__} gives K interests per user: the "
+                             "task needs a multi-interest scorer (LabelAwareAttentionScorer, MaxInterestScorer), "
+                             "got DotScorer")
+        if not self.multi_interest and not single:
+            raise ValueError(f"the task's scorer {type(self.task.scorer).__name__} scores K interests per user but "
+                             f"the query tower {type(self.query_tower).__name__} gives one vector: use DotScorer")
+
+    def query_interest_mask(self, features):
+        """``[batch, K]`` valid interests of a multi-interest query tower (None for a single-vector one)."""
+        return self.query_tower.interest_mask(features) if self.multi_interest else None
 
     def build_from_config(self, config):
         """Builds both towers from raw inputs of their specs' dtypes (what deserialising a model that was called
@@ -145,7 +169,7 @@ class TwoTower(RetrievalModel):
         log_q = self.log_q(ids, negative_ids, training) if self.logq_correction else {}
         # As in TFRS models: the (full-corpus, slow) factorized metrics only outside training.
         return self.task(query, candidate, sample_weight=weight, candidate_ids=ids, compute_metrics=not training,
-                         **negatives, **log_q)
+                         interest_mask=self.query_interest_mask(features), **negatives, **log_q)
 
     def get_config(self):
         return {**super().get_config(), "query_tower": _serialize(self.query_tower),

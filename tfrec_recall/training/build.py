@@ -12,6 +12,7 @@ from tfrec_recall.data.schema import ITEM_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.evaluation.evaluate import corpus_arrays
 from tfrec_recall.features import FeatureSpec, feature_arrays, specs_from_split
+from tfrec_recall.layers.interest.scorers import DotScorer, LabelAwareAttentionScorer
 from tfrec_recall.layers.sampling import CorpusNegativeSampler, StreamingFrequencyEstimator
 from tfrec_recall.layers.towers import tower_class
 from tfrec_recall.models.two_tower import TwoTower
@@ -46,6 +47,15 @@ def _specs(config: RunConfig, split: Split):
         raise
 
 
+def _scorer(config: RunConfig, query_tower):
+    """The task's scorer: the dot product, or for a multi-interest query tower the label-aware attention with
+    ``label_aware_power`` (null: the tower's paper setting)."""
+    if not query_tower.multi_interest:
+        return DotScorer(name="dot_scorer")
+    power = query_tower.label_aware_power if config.label_aware_power is None else config.label_aware_power
+    return LabelAwareAttentionScorer(power=power, name="label_aware_attention")
+
+
 def build_model(config: RunConfig, split: Split) -> TwoTower:
     specs = _specs(config, split)
     query_tower = _tower(config.query_tower, specs["query"], config, "query_tower",
@@ -66,7 +76,8 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
                                         name="negative_sampler")
     task = RetrievalTask(temperature=config.temperature, remove_accidental_hits=config.remove_accidental_hits,
                          num_hard_negatives=config.num_hard_negatives,
-                         in_batch_negatives=config.negatives != "global", name="retrieval")
+                         in_batch_negatives=config.negatives != "global", scorer=_scorer(config, query_tower),
+                         name="retrieval")
     return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler,
                     logq_correction=config.logq_correction, weight_feature=config.weight_column,
                     auxiliary_losses=auxiliary_losses(config, split, query_tower, candidate_tower))

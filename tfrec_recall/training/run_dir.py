@@ -27,7 +27,7 @@ from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.config import RunConfig
 from tfrec_recall.data.schema import USER_ID
 from tfrec_recall.data.split import Split
-from tfrec_recall.evaluation.evaluate import corpus_arrays, embed
+from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, embed_queries
 from tfrec_recall.features import FeatureSpec, feature_arrays
 from tfrec_recall.training.fit import TrainResult, plot_history
 
@@ -124,8 +124,10 @@ def recommend(run: LoadedRun, split: Split, user_ids: Sequence[str], k: int = 10
             raise KeyError(f"user_id {user!r} has no training interactions in {split.data.name!r}")
     rows = pd.DataFrame({USER_ID: list(user_ids),
                          "history": [tuple(split.train_items[u][::-1][:split.history_length]) for u in user_ids]})
-    queries = embed(run.query_tower, feature_arrays(rows, split.data, run.query_tower.input_specs))
+    queries, mask = embed_queries(run.query_tower, feature_arrays(rows, split.data, run.query_tower.input_specs))
     scores = queries @ run.candidate_embeddings.T
+    if mask is not None:  # K interests: an item's score is its best over the user's valid interests
+        scores = np.where(mask[:, :, None], scores, -np.inf).max(axis=1)
     index = {item: i for i, item in enumerate(run.candidate_ids)}
     out = {}
     for row, user in enumerate(user_ids):

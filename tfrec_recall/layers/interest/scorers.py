@@ -96,7 +96,9 @@ class LabelAwareAttentionScorer(Scorer):
     * Without ``targets``, every candidate is its own label: ``s(u, y_n) = <v_u(y_n), y_n> =
       sum_k w_k(y_n) <u_k, y_n>``.
 
-    ``p`` (``power``, default 2 as in the paper's experiments) is a finite number >= 0. Like the paper, ``pow``
+    ``p`` (``power``, default 2 as in the paper's experiments) is a number >= 0 or ``inf``: p = inf is the
+    hard max, all the weight on the interest scoring highest against the label (what ComiRec trains with, Cen et
+    al. 2020, Sec. 3.3: v_u = V_u[:, argmax(V_u^T e_i)]). Like the paper, ``pow``
     is the real power: a non-integer ``power`` gives NaN for negative scores <u_k, e_i>, so use it only with
     non-negative scores (e.g. non-negative embeddings); an integer ``power`` is defined for every score. The
     logits pow(score, p) overflow float32 (NaN weights) once |score| ** p exceeds ~3.4e38, so keep p modest for
@@ -105,18 +107,23 @@ class LabelAwareAttentionScorer(Scorer):
 
     def __init__(self, power: float = 2.0, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) \
-                or power < 0:
-            raise ValueError(f"power must be a finite number >= 0, got {power!r}")
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or math.isnan(power) or power < 0:
+            raise ValueError(f"power must be a number >= 0 or inf, got {power!r}")
         self.power = float(power)
 
     def attention(self, scores: tf.Tensor, interest_mask: Optional[tf.Tensor] = None, axis: int = 1) -> tf.Tensor:
-        """softmax over the interests (``axis``) of pow(scores, p), masked interests weighing 0."""
-        logits = tf.pow(scores, tf.cast(self.power, scores.dtype))
+        """softmax over the interests (``axis``) of pow(scores, p), masked interests weighing 0; with p = inf
+        the one-hot of the best valid interest."""
+        hard = math.isinf(self.power)
+        logits = scores if hard else tf.pow(scores, tf.cast(self.power, scores.dtype))
         if interest_mask is not None:
             valid = tf.cast(interest_mask, tf.bool)
             valid = valid[:, :, None] if scores.shape.rank == 3 else valid
             logits = tf.where(valid, logits, tf.cast(LARGE_NEGATIVE, logits.dtype))
+        if hard:
+            depth = tf.shape(logits)[axis]
+            one_hot = tf.one_hot(tf.argmax(logits, axis=axis), depth, axis=axis, dtype=scores.dtype)
+            return tf.stop_gradient(one_hot)
         return tf.nn.softmax(logits, axis=axis)
 
     def call(self, queries, candidates, targets=None, interest_mask=None):

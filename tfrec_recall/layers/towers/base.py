@@ -90,6 +90,7 @@ class Tower(tf.keras.Model):
     """Base tower; subclasses implement :meth:`combine`."""
 
     query_only = False  # True: needs query-side inputs (e.g. a history), so it cannot embed items
+    multi_interest = False  # True: call returns [batch, K, output_dim], with interest_mask(inputs) [batch, K]
 
     def __init__(self, features: Sequence[SpecLike], output_dim: int = 64, l2_normalize: bool = True,
                  dropout: float = 0.0, augment: Optional[SpecLike] = None, **kwargs):
@@ -166,11 +167,24 @@ class Tower(tf.keras.Model):
     def call(self, inputs, training=None, field_mask=None):
         """``[batch, output_dim]`` embeddings of the raw ``inputs``; ``field_mask`` (``[batch, len(features)]``,
         0/1) zeroes features' field embeddings, as a contrastive view does."""
-        x = self.combine(self.fields(inputs, field_mask), training=training)
+        return self.head(self.fields(inputs, field_mask), training=training)
+
+    def head(self, fields: List[tf.Tensor], training=None) -> tf.Tensor:
+        """:meth:`combine`, dropout, the projection to ``output_dim`` and the optional L2 normalisation, over the
+        last axis (fields ``[batch, width]``, or ``[batch, K, width]`` for one row per interest)."""
+        x = self.combine(fields, training=training)
         x = self.projection(self._dropout(x, training=training))
         if self.l2_normalize:
             x = tf.math.l2_normalize(x, axis=-1)
         return x
+
+    def history_spec(self, tower: str) -> FeatureSpec:
+        """The tower's only ``SequenceFeature`` (the history); ``ValueError`` naming ``tower`` otherwise."""
+        sequences = [s for s in self.encoder.specs if isinstance(s, SequenceFeature)]
+        if len(sequences) != 1:
+            raise ValueError(f"{tower} needs exactly one SequenceFeature (the history) among its features, got "
+                             f"{[f'{s.name}:{s.kind}' for s in self.encoder.specs]}")
+        return sequences[0]
 
     def sequence_feature(self, name: Optional[str] = None) -> str:
         """The name of the list feature :meth:`encode_sequence` returns: ``name`` if given, else the tower's only
