@@ -27,8 +27,8 @@ import tfrec_recall  # noqa: E402,F401  (selects tf-keras first)
 from tfrec_recall import training  # noqa: E402
 from tfrec_recall.config import RunConfig  # noqa: E402
 from tfrec_recall.data import leave_last_out, make_multi_interest  # noqa: E402
-from tfrec_recall.evaluation.evaluate import embed_queries, evaluate  # noqa: E402
-from tfrec_recall.evaluation.interests import cluster_centroids, interest_recovery, intra_list_diversity  # noqa
+from tfrec_recall.evaluation.evaluate import embed, evaluate  # noqa: E402
+from tfrec_recall.evaluation.interests import intra_list_diversity, split_interest_recovery  # noqa: E402
 from tfrec_recall.retrievers import BruteForce  # noqa: E402
 
 TOWERS = {"mlp": "single vector (mean-pooled history, MLP)", "self_attentive": "single vector (SASRec)",
@@ -45,13 +45,10 @@ def config(tower: str, dim: int, learning_rate: float, seed: int) -> RunConfig:
 
 def measure(model, split, truth) -> dict:
     test = evaluate(model, split, "test", ks=(10, 50))
+    recovery = split_interest_recovery(model, split, truth)
     users = split.test.reset_index(drop=True)
-    queries, mask = embed_queries(model.query_tower, training.feature_arrays(users, split.data,
-                                                                             model.query_tower.input_specs))
     items = np.asarray(split.data.items).astype(str)
-    embeddings = model.candidate_tower(training.corpus_arrays(split, model.candidate_tower.input_specs)).numpy()
-    centroids = cluster_centroids(items, embeddings, truth.item_cluster, truth.num_clusters)
-    recovery = interest_recovery(queries, mask, [truth.user_interests[u] for u in users["user_id"]], centroids)
+    embeddings = embed(model.candidate_tower, training.corpus_arrays(split, model.candidate_tower.input_specs))
     model.index_candidates(items, embeddings, index=BruteForce(max_k=50))
     seen = [list(split.train_items.get(u, [])) for u in users["user_id"]]
     features = training.feature_arrays(users, split.data, model.query_tower.input_specs)

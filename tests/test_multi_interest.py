@@ -3,8 +3,6 @@ the label-aware scorer, evaluated by searching each interest and merging, export
 ScaNN indexes and answered by the SavedModel, the local gRPC server and the CLI as the in-memory model
 answers; on synthetic users with known 1-4 interests, MIND and ComiRec beat the single-vector tower."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,15 +11,15 @@ import tensorflow as tf
 from tfrec_recall import cli, training
 from tfrec_recall.config import ConfigError, RunConfig, load_config
 from tfrec_recall.data import leave_last_out, make_multi_interest
-from tfrec_recall.evaluation.evaluate import embed_queries, evaluate
-from tfrec_recall.evaluation.interests import cluster_centroids, interest_recovery
+from tfrec_recall.evaluation.evaluate import evaluate
+from tfrec_recall.evaluation.interests import split_interest_recovery
 from tfrec_recall.export import export_retrieval_model
 from tfrec_recall.layers.interest import DotScorer, LabelAwareAttentionScorer
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.retrievers import IVF, BruteForce, MultiQueryRetriever, ScaNN, ScaNNConfig
 from tfrec_recall.serving.client import GrpcClient
 from tfrec_recall.tasks.retrieval import RetrievalTask
-from tests.test_serving import _wait_for_port
+from tests.test_serving import serving_exports
 
 TINY = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [16], "batch_size": 256,
         "attention_blocks": 1}
@@ -86,16 +84,6 @@ def _config(tower: str) -> RunConfig:
                      seed=0, ks=(10, 20, 50), selection_metric="HR@20")
 
 
-def _recovery(model, split, truth) -> float:
-    users = split.test.reset_index(drop=True)
-    queries, mask = embed_queries(model.query_tower, training.feature_arrays(users, split.data,
-                                                                             model.query_tower.input_specs))
-    items = np.asarray(split.data.items).astype(str)
-    embeddings = model.candidate_tower(training.corpus_arrays(split, model.candidate_tower.input_specs)).numpy()
-    centroids = cluster_centroids(items, embeddings, truth.item_cluster, truth.num_clusters)
-    return interest_recovery(queries, mask, [truth.user_interests[u] for u in users["user_id"]], centroids)
-
-
 @pytest.mark.slow
 def test_multi_interest_models_beat_the_single_vector_tower_on_users_with_several_interests(interest_data):
     """Each user's history is drawn from 1-4 item clusters (mean 2.5): one 8-d vector must cover them all, K = 4
@@ -109,10 +97,10 @@ def test_multi_interest_models_beat_the_single_vector_tower_on_users_with_severa
     hr, recovery, untrained = {}, {}, {}
     for tower in ("mlp", "mind", "comirec_sa"):
         config = _config(tower)
-        untrained[tower] = _recovery(training.build_model(config, split), split, truth)
+        untrained[tower] = split_interest_recovery(training.build_model(config, split), split, truth)
         model = training.train(config, split, evaluate_every=0, verbose=0).model
         hr[tower] = evaluate(model, split, "test", ks=(10, 50))["HR@10"]
-        recovery[tower] = _recovery(model, split, truth)
+        recovery[tower] = split_interest_recovery(model, split, truth)
     print("HR@10", hr, "recovery", recovery, "untrained", untrained)
     assert hr["mlp"] > 0.3  # the single-vector baseline learns (chance 0.027)
     assert hr["mind"] > hr["mlp"] + 0.04, hr
@@ -211,17 +199,8 @@ def test_export_merge_options_and_their_errors(exported, tmp_path):
 def server(exported):
     """One `tfrec-recall serve` process answering every tower's export under the tower's name."""
     root, models = exported
-    config = root / "models.config"
-    config.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{name}" base_path: "{name}" model_platform: "tensorflow" }}\n' for name in models) + "}\n")
-    process = subprocess.Popen([sys.executable, "-m", "tfrec_recall.cli", "serve", "--model-config-file",
-                                str(config), "--port", "0", "--poll-seconds", "5"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        yield _wait_for_port(process)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serving_exports(root, list(models)) as port:
+        yield port
 
 
 @pytest.mark.parametrize("name", TOWERS)

@@ -2,6 +2,7 @@
 PredictionService / ModelService), bad requests, hot reload, retries, the REST client, the `query` CLI,
 serving/models.config's version labels (and the Pusher naming versions as models.config expects), and the
 same checks against a real tensorflow_model_server when one is on PATH."""
+import contextlib
 import http.server
 import json
 import re
@@ -55,6 +56,23 @@ def served(tmp_path_factory, tiny_model, small_split):
            "features": features, "expected": expected, "process": process}
     process.terminate()
     process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving_exports(root, names):
+    """One `tfrec-recall serve` process answering the exports under ``root / name`` as models ``name`` (a
+    model config file written to ``root``); yields the port, stops the server on exit."""
+    config = root / "models.config"
+    config.write_text("model_config_list {\n" + "".join(
+        f'  config {{ name: "{name}" base_path: "{name}" model_platform: "tensorflow" }}\n' for name in names) + "}\n")
+    process = subprocess.Popen([sys.executable, "-m", "tfrec_recall.cli", "serve", "--model-config-file",
+                                str(config), "--port", "0", "--poll-seconds", "5"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield _wait_for_port(process)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def _wait_for_port(process, timeout=180):

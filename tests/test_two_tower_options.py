@@ -1,8 +1,6 @@
 """The two-tower options of issue 11 end to end: each one switched on from a RunConfig (and from the CLI's
 --set), trained, exported with its index, and answered by the local gRPC server as the in-memory model answers;
 bad configurations fail at config time naming the key."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from tfrec_recall.config import ConfigError, load_config
 from tfrec_recall.export import export_retrieval_model
 from tfrec_recall.retrievers import BruteForce
 from tfrec_recall.serving.client import GrpcClient
-from tests.test_serving import _wait_for_port
+from tests.test_serving import serving_exports
 
 TINY = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [16], "batch_size": 256}
 OPTIONS = {
@@ -124,17 +122,8 @@ def test_serve_examples_and_evaluate_on_arrays_ask_as_the_server_does(exported, 
 def server(exported):
     """One `tfrec-recall serve` process answering every option's export under the option's name."""
     root, models = exported
-    config = root / "models.config"
-    config.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{name}" base_path: "{name}" model_platform: "tensorflow" }}\n' for name in models) + "}\n")
-    process = subprocess.Popen([sys.executable, "-m", "tfrec_recall.cli", "serve", "--model-config-file",
-                                str(config), "--port", "0", "--poll-seconds", "5"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        yield _wait_for_port(process)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with serving_exports(root, list(models)) as port:
+        yield port
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))

@@ -3,11 +3,12 @@ of a model on a split or a dataset, the most-popular baseline, the pipeline's bl
 measures of multi-interest models (interest recovery, intra-list diversity)."""
 from tfrec_recall.evaluation.baselines import evaluation_rows, most_popular_metrics
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, evaluate, evaluate_towers
-from tfrec_recall.evaluation.interests import cluster_centroids, interest_recovery, intra_list_diversity
+from tfrec_recall.evaluation.interests import (cluster_centroids, interest_recovery, intra_list_diversity,
+                                               split_interest_recovery)
 from tfrec_recall.evaluation.metrics import full_corpus_metrics
 from tfrec_recall.evaluation.ranked import ranked_list_metrics
 from tfrec_recall.evaluation.retrieval import evaluate_retriever
 
 __all__ = ["full_corpus_metrics", "ranked_list_metrics", "evaluate_retriever", "evaluate", "evaluate_towers", "embed",
            "corpus_arrays", "most_popular_metrics", "evaluation_rows",
-           "interest_recovery", "cluster_centroids", "intra_list_diversity"]
+           "interest_recovery", "cluster_centroids", "intra_list_diversity", "split_interest_recovery"]

@@ -149,3 +149,18 @@ def intra_list_diversity(ids, categories: Mapping[str, str]) -> float:
     if not scores:
         raise ValueError("no row of ids has 2 or more real (non-empty) items: Diversity@N is undefined")
     return float(np.mean(scores))
+
+
+def split_interest_recovery(model, split, truth, which: str = "test") -> float:
+    """:func:`interest_recovery` of ``model`` (with ``query_tower`` / ``candidate_tower``) for the users of
+    ``split``'s ``which`` rows, against the centroids of the model's own item embeddings of each true cluster
+    (``truth``: a :class:`~tfrec_recall.data.interests.InterestTruth`)."""
+    from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, embed_queries
+    from tfrec_recall.features import feature_arrays
+    users = getattr(split, which).drop_duplicates("user_id").reset_index(drop=True)
+    queries, mask = embed_queries(model.query_tower, feature_arrays(users, split.data,
+                                                                    model.query_tower.input_specs))
+    items = np.asarray(split.data.items).astype(str)
+    embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
+    centroids = cluster_centroids(items, embeddings, truth.item_cluster, truth.num_clusters)
+    return interest_recovery(queries, mask, [truth.user_interests[u] for u in users["user_id"]], centroids)
