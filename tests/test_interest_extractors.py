@@ -195,6 +195,22 @@ def test_capsule_routing_matches_comirec_dr(iterations):
     assert np.all(got[2] == 0.0)
 
 
+def test_capsule_routing_with_maps_shared_over_positions_matches_the_reference():
+    """maps="per_interest": W_ij = W_j for every position i, i.e. the per-position reference with the one map of
+    each interest repeated at every position."""
+    tf.keras.utils.set_random_seed(1)
+    layer = CapsuleRouting(num_interests=K, iterations=3, maps="per_interest")
+    got = layer(tf.constant(SEQUENCE), tf.constant(MASK)).numpy()
+    assert layer.maps.shape == (K, D, D)  # L times fewer weights than per position
+    repeated = np.broadcast_to(layer.maps.numpy()[None], (L, K, D, D))
+    want = np.array([ref_capsule(SEQUENCE[b], MASK[b], repeated, 3) for b in range(B)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # No position in the maps: any length works after building, and the answers do not depend on it.
+    longer = np.concatenate([SEQUENCE, np.zeros((B, 2, D), np.float32)], axis=1)
+    again = layer(tf.constant(longer), tf.constant(np.pad(MASK, [(0, 0), (0, 2)]))).numpy()
+    np.testing.assert_allclose(again, got, rtol=1e-5, atol=1e-6)
+
+
 def test_capsule_routing_needs_a_fixed_length():
     with pytest.raises(ValueError,
                        match=r"CapsuleRouting needs a fixed sequence length .* got shape \(None, None, 4\)"):
@@ -285,8 +301,9 @@ TOWER_CASES = [(MINDTower, dict(num_interests=K, routing_iterations=2)),
                (ComiRecSATower, dict(num_interests=K, attention_units=6)),
                (ComiRecSATower, dict(num_interests=K, attention_units=6, encoder_blocks=1, encoder_heads=2,
                                      attention_dropout=0.1)),
-               (SelfAttentiveTower, dict(num_blocks=1, num_heads=2, attention_dropout=0.1))]
-TOWER_IDS = ["mind", "comirec_dr", "comirec_sa", "comirec_sa_encoder", "self_attentive"]
+               (SelfAttentiveTower, dict(num_blocks=1, num_heads=2, attention_dropout=0.1)),
+               (ComiRecDRTower, dict(num_interests=K, routing_maps="per_interest"))]
+TOWER_IDS = ["mind", "comirec_dr", "comirec_sa", "comirec_sa_encoder", "self_attentive", "comirec_dr_per_interest"]
 
 
 def make_tower(cls, kwargs, **extra):
@@ -390,21 +407,26 @@ def test_padding_is_never_attended_to(cls, kwargs):
 
 def tower_reference(tower, sequence, mask):
     """The interests of one tower's extractor by the reference of its paper (MIND: B2I; ComiRec-DR: capsule
-    routing; ComiRec-SA: self-attention over the history embeddings plus learned positions)."""
+    routing; ComiRec-SA: self-attention steered by the history embeddings plus learned positions, applied to the
+    embeddings)."""
     if isinstance(tower, MINDTower):
         logits = tower.routing.initial_logits(sequence.shape[0]).numpy()
         n = int(mask.sum())
         k_u = max(1, min(tower.num_interests, int(math.floor(math.log2(n))))) if n else 1  # MIND eq. 4
         return ref_b2i(sequence, mask, tower.routing.bilinear.numpy(), logits, tower.routing.iterations, k_u)
     if isinstance(tower, ComiRecDRTower):
-        return ref_capsule(sequence, mask, tower.routing.maps.numpy(), tower.routing.iterations)
+        maps = tower.routing.maps.numpy()  # [L, K, d, d], or [K, d, d] shared by the positions
+        maps = maps if maps.ndim == 4 else np.broadcast_to(maps[None], (len(sequence),) + maps.shape)
+        return ref_capsule(sequence, mask, maps, tower.routing.iterations)
+    # ComiRec-SA as in the authors' code: attention over the embeddings plus positions, sums of the embeddings.
     extraction = tower.extraction
-    return ref_self_attentive(sequence + tower.positions.numpy(), mask, extraction.hidden.kernel.numpy(),
-                              extraction.heads.kernel.numpy())[1]
+    attention, _ = ref_self_attentive(sequence + tower.positions.numpy(), mask, extraction.hidden.kernel.numpy(),
+                                      extraction.heads.kernel.numpy())
+    return attention @ np.asarray(sequence, np.float64)
 
 
 @pytest.mark.parametrize("cls,kwargs", [(MINDTower, dict(num_interests=K, routing_iterations=3)), TOWER_CASES[1],
-                                        TOWER_CASES[2]], ids=TOWER_IDS[:3])
+                                        TOWER_CASES[2], TOWER_CASES[5]], ids=TOWER_IDS[:3] + TOWER_IDS[5:])
 def test_tower_interests_match_the_paper_reference(cls, kwargs):
     tower = make_tower(cls, kwargs)
     sequence, mask = tower.encode_sequence(INPUTS, "history")
@@ -434,11 +456,12 @@ def test_mind_tower_concatenates_the_user_fields_to_each_interest():
 
 LAYER_CASES = [B2IRouting(num_interests=2, iterations=4, routing_std=0.5, seed=7, name="b2i"),
                CapsuleRouting(num_interests=2, iterations=2, name="capsules"),
+               CapsuleRouting(num_interests=2, iterations=2, maps="per_interest", name="shared_capsules"),
                SelfAttentiveExtraction(num_interests=2, attention_units=5, name="sa"),
                CausalSelfAttentionEncoder(max_length=L, num_blocks=1, num_heads=2, dropout=0.25, name="sasrec")]
 
 
-@pytest.mark.parametrize("layer", LAYER_CASES, ids=lambda layer: type(layer).__name__)
+@pytest.mark.parametrize("layer", LAYER_CASES, ids=lambda layer: layer.name)
 def test_layers_round_trip_config_and_weights(layer):
     tf.keras.utils.set_random_seed(5)
     out = layer(tf.constant(SEQUENCE), tf.constant(MASK), training=False).numpy()
@@ -461,9 +484,8 @@ def test_towers_round_trip_config(cls, kwargs):
     np.testing.assert_allclose(clone(INPUTS).numpy(), out, rtol=1e-6)
 
 
-# Two towers (a Keras SavedModel round trip takes seconds; the first in a process ~10 s more): MIND's routing and
-# the SASRec tower's causal encoder.
-@pytest.mark.parametrize("cls,kwargs", [TOWER_CASES[0], TOWER_CASES[4]], ids=[TOWER_IDS[0], TOWER_IDS[4]])
+# A Keras SavedModel round trip takes seconds (the first in a process ~10 s more): every tower kind.
+@pytest.mark.parametrize("cls,kwargs", TOWER_CASES[:2] + TOWER_CASES[3:5], ids=TOWER_IDS[:2] + TOWER_IDS[3:5])
 def test_towers_round_trip_savedmodel(tmp_path, cls, kwargs):
     tower = make_tower(cls, kwargs)
     out = tower(INPUTS).numpy()
@@ -484,6 +506,7 @@ LAYER_ERRORS = [
     (lambda: SelfAttentiveExtraction(num_interests=-1), r"num_interests must be a positive integer, got -1"),
     (lambda: B2IRouting(iterations=0), r"iterations must be a positive integer, got 0"),
     (lambda: CapsuleRouting(iterations=0), r"iterations must be a positive integer, got 0"),
+    (lambda: CapsuleRouting(maps="shared"), r"maps must be one of \('per_position', 'per_interest'\), got 'shared'"),
     (lambda: B2IRouting(routing_std=-1), r"routing_std must be a finite number >= 0, got -1"),
     (lambda: B2IRouting(routing_std=float("inf")), r"routing_std must be a finite number >= 0, got inf"),
     (lambda: B2IRouting(seed=-2), r"seed must be an integer >= 0, got -2"),
@@ -511,11 +534,25 @@ def test_num_heads_must_divide_the_width_at_build():
         tower(INPUTS)
 
 
+def test_causal_encoder_refuses_a_sequence_longer_than_its_positions():
+    encoder = CausalSelfAttentionEncoder(max_length=L - 1)
+    with pytest.raises(ValueError, match=r"the sequence has 5 positions but the encoder learned max_length=4 "
+                                         r"position embeddings: truncate the history to 4"):
+        encoder(tf.constant(SEQUENCE), tf.constant(MASK))
+    built = CausalSelfAttentionEncoder(max_length=L)
+    built(tf.constant(SEQUENCE), tf.constant(MASK))  # L positions fit; L + 1 after building do not
+    longer = np.concatenate([SEQUENCE, SEQUENCE[:, :1]], axis=1)
+    with pytest.raises(ValueError, match=r"the sequence has 6 positions but the encoder learned max_length=5"):
+        built(tf.constant(longer), tf.constant(np.pad(MASK, [(0, 0), (0, 1)])))
+
+
 TOWER_ERRORS = [
     (lambda: MINDTower(SPECS, num_interests=0), r"num_interests must be a positive integer, got 0"),
     (lambda: ComiRecDRTower(SPECS, num_interests=0), r"num_interests must be a positive integer, got 0"),
     (lambda: MINDTower(SPECS, routing_iterations=0), r"routing_iterations must be a positive integer, got 0"),
     (lambda: ComiRecDRTower(SPECS, routing_iterations=0), r"routing_iterations must be a positive integer, got 0"),
+    (lambda: ComiRecDRTower(SPECS, routing_maps="all"),
+     r"routing_maps must be one of \('per_position', 'per_interest'\), got 'all'"),
     (lambda: MINDTower(SPECS, routing_std=-1), r"routing_std must be a finite number >= 0, got -1"),
     (lambda: MINDTower(SPECS, routing_seed=-1), r"routing_seed must be an integer >= 0, got -1"),
     (lambda: ComiRecSATower(SPECS, attention_units=0), r"attention_units must be a positive integer, got 0"),

@@ -13,11 +13,15 @@ from tfrec_recall.config import ConfigError, RunConfig, load_config
 from tfrec_recall.data import leave_last_out, make_multi_interest
 from tfrec_recall.evaluation.evaluate import evaluate
 from tfrec_recall.evaluation.interests import split_interest_recovery
+from tfrec_recall.features import IdFeature
 from tfrec_recall.export import export_retrieval_model
 from tfrec_recall.layers.interest import DotScorer, LabelAwareAttentionScorer
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.retrievers import IVF, BruteForce, MultiQueryRetriever, ScaNN, ScaNNConfig
 from tfrec_recall.serving.client import GrpcClient
+from tfrec_recall.tasks.auxiliary import AlignmentLoss
+from tfrec_recall.tasks.contrastive import ContrastiveLoss
+from tfrec_recall.tasks.dat import CategoryAlignmentLoss
 from tfrec_recall.tasks.retrieval import RetrievalTask
 from tests.test_serving import serving_exports
 
@@ -40,6 +44,7 @@ K = 10
     ({"attention_heads": 3}, r"config key 'attention_heads': must divide embedding_dim \(64\), the "
                              r"self-attention width, got 3"),
     ({"attention_dropout": 1.0}, r"config key 'attention_dropout': must be in \[0, 1\), got 1.0"),
+    ({"routing_maps": "shared"}, r"config key 'routing_maps': must be per_position or per_interest, got 'shared'"),
 ])
 def test_bad_sequence_options_fail_at_config_time_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -69,6 +74,19 @@ def test_two_tower_refuses_a_scorer_that_does_not_fit_the_query_tower(small_spli
     with pytest.raises(ValueError, match=r"the task's scorer LabelAwareAttentionScorer scores K interests per user "
                                          r"but the query tower YouTubeDNNTower gives one vector"):
         TwoTower(single.query_tower, single.candidate_tower, RetrievalTask(scorer=LabelAwareAttentionScorer()))
+
+
+def test_losses_reading_one_query_vector_are_refused_by_a_multi_interest_model(small_split):
+    """AlignmentLoss compares one query vector with its positive; with K interests per user it cannot. A loss
+    over the candidate tower alone (contrastive, category alignment) fits."""
+    multi = training.build_model(load_config("youtube_dnn", overrides={**TINY, "query_tower": "mind"}), small_split)
+    with pytest.raises(ValueError, match=r"auxiliary loss 'alignment' \(AlignmentLoss\) reads one query vector per "
+                                         r"user, but the query tower MINDTower gives K interests"):
+        multi.add_auxiliary_loss(AlignmentLoss(name="alignment"))
+    assert AlignmentLoss.reads_query_embeddings and not ContrastiveLoss.reads_query_embeddings
+    genres = CategoryAlignmentLoss(IdFeature("genre", vocabulary=("a", "b")), name="cal")
+    multi.add_auxiliary_loss(genres)
+    assert multi.auxiliary_losses[-1] is genres
 
 
 @pytest.fixture(scope="module")

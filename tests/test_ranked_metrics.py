@@ -130,6 +130,36 @@ def test_multi_query_retriever_matches_the_max_over_interests_reference():
     best = np.max(queries @ candidates.T, axis=1)  # f(u, i) = max_k q_k . c_i, as a score matrix
     _same(got, full_corpus_metrics(best, np.eye(60), positives, exclude, ks=(5, 10)))
     assert got["MRR"] == pytest.approx(_truncated_mrr(best, positives, exclude, 10), abs=1e-6)
+    # A batch of 8 users with K = 2 searches 16 queries at once: batch_size counts queries, the answers are the
+    # same for any batch size (one user per batch, and batches that split the users unevenly).
+    for batch_size in (1, 8, 13):
+        again = evaluate_retriever(retriever, queries, _id(positives), _id(exclude), ks=(5, 10),
+                                   batch_size=batch_size)
+        _same(again, got, skip=())
+    # Interest masks: a user's masked interests do not search (the reference drops them from the max).
+    mask = np.ones((20, 2), bool)
+    mask[::2, 1] = False
+    masked = evaluate_retriever(retriever, queries, _id(positives), _id(exclude), ks=(5, 10), query_mask=mask)
+    best = np.where(mask[:, :, None], queries @ candidates.T, -np.inf).max(axis=1)
+    _same(masked, full_corpus_metrics(best, np.eye(60), positives, exclude, ks=(5, 10)))
+
+
+def test_query_shapes_must_fit_the_retriever():
+    ids = np.array([f"i{i}" for i in range(12)])
+    brute = BruteForce(max_k=11).index(ids, np.eye(12, 4, dtype=np.float32))
+    multi = MultiQueryRetriever(brute)
+    positives = [["i0"], ["i1"]]
+    with pytest.raises(ValueError, match=r"queries must be \[users, d\] for a single index \(wrap the index in a "
+                                         r"MultiQueryRetriever for K queries per user\), got shape \(2, 3, 4\)"):
+        evaluate_retriever(brute, np.zeros((2, 3, 4)), positives, ks=(5,))
+    with pytest.raises(ValueError, match=r"queries must be \[users, K, d\] for a MultiQueryRetriever, got shape "
+                                         r"\(2, 4\)"):
+        evaluate_retriever(multi, np.zeros((2, 4)), positives, ks=(5,))
+    with pytest.raises(ValueError, match=r"query_mask must be \[users, K\] = \[2, 3\], got shape \[2, 2\]"):
+        evaluate_retriever(multi, np.zeros((2, 3, 4)), positives, ks=(5,), query_mask=np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match=r"query_mask marks the interests .* a single index \(BruteForce\) "
+                                         r"takes none"):
+        evaluate_retriever(brute, np.zeros((2, 4)), positives, ks=(5,), query_mask=np.ones((2, 4), bool))
 
 
 def test_evaluate_on_split_dict_and_dataset_agree_with_the_reference(tiny_model, small_split):

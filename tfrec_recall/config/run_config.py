@@ -86,9 +86,11 @@ class RunConfig:
     teacher_epochs: int = 3
     # Sequence and multi-interest query towers (query_tower self_attentive, mind, comirec_dr, comirec_sa): K
     # interests per user, routing rounds (MIND, ComiRec-DR), the label-aware attention power p of training (null:
-    # the tower's paper setting, 2 for MIND, inf = hard max for ComiRec) and the self-attention encoder's shape
+    # the tower's paper setting, 2 for MIND, inf = hard max for ComiRec), ComiRec-DR's maps (per_position as in the
+    # paper, or per_interest: shared over the positions) and the self-attention encoder's shape
     num_interests: int = 4
     routing_iterations: int = 3
+    routing_maps: str = "per_position"
     label_aware_power: Optional[float] = None
     attention_blocks: int = 2
     attention_heads: int = 1
@@ -189,6 +191,8 @@ class RunConfig:
         for key in ("num_interests", "routing_iterations", "attention_blocks", "attention_heads"):
             need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         need(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "must be in [0, 1)")
+        need(self.routing_maps in ("per_position", "per_interest"), "routing_maps", self.routing_maps,
+             "must be per_position or per_interest")
         power = self.label_aware_power
         need(power is None or (isinstance(power, (int, float)) and not isinstance(power, bool)
                                and not math.isnan(power) and power >= 0), "label_aware_power", power,

@@ -39,7 +39,10 @@ def evaluate_retriever(retriever, queries, positives: Sequence[Sequence[str]],
     if bad:
         raise ValueError(f"{bad} of {n} users have NaN or infinite scores: the model is broken (a non-finite loss "
                          "or embedding), not rankable")
-    batch_size = require_positive_int("batch_size", batch_size)
+    _check_query_shapes(retriever, queries, query_mask)
+    # K queries per user: K times the rows per search, so the batch holds batch_size queries, not users.
+    batch_size = max(1, require_positive_int("batch_size", batch_size) // (queries.shape[1] if queries.ndim == 3
+                                                                           else 1))
     scores, ids, exact = [], [], {}
     for start in tqdm(range(0, n, batch_size), desc="evaluating", disable=not progress, leave=False):
         rows = slice(start, min(start + batch_size, n))
@@ -65,6 +68,21 @@ def _check_retriever(retriever, depth: int) -> int:
         raise ValueError(f"retriever has max_k={retriever.max_k} but ks go up to {depth}: build it with "
                          f"max_k >= {depth}")
     return retriever.corpus_size
+
+
+def _check_query_shapes(retriever, queries: np.ndarray, query_mask) -> None:
+    """[U, d] queries for an index, [U, K, d] (and a [U, K] query_mask or none) for a MultiQueryRetriever."""
+    multi = isinstance(retriever, MultiQueryRetriever)
+    if queries.ndim != (3 if multi else 2):
+        want = "[users, K, d] for a MultiQueryRetriever" if multi else (
+            "[users, d] for a single index (wrap the index in a MultiQueryRetriever for K queries per user)")
+        raise ValueError(f"queries must be {want}, got shape {queries.shape}")
+    if query_mask is not None and not multi:
+        raise ValueError("query_mask marks the interests of [users, K, d] queries to a MultiQueryRetriever; a "
+                         f"single index ({type(retriever).__name__}) takes none")
+    if query_mask is not None and np.shape(query_mask) != queries.shape[:2]:
+        raise ValueError(f"query_mask must be [users, K] = {list(queries.shape[:2])}, got shape "
+                         f"{list(np.shape(query_mask))}")
 
 
 def _rows(name: str, rows, n: int) -> List[list]:

@@ -30,7 +30,11 @@ class _ModelRef:
 class AuxiliaryLoss(tf.keras.layers.Layer):
     """Base of the auxiliary losses: ``call(features, query_embeddings, candidate_embeddings, training)`` ->
     a scalar, added to the model's loss times ``weight`` (a finite number >= 0) and logged under the layer's
-    ``name``. ``features`` is the raw batch; the embeddings are the towers' outputs for it ([B, d] each)."""
+    ``name``. ``features`` is the raw batch; the embeddings are the towers' outputs for it ([B, d] each).
+    A loss that reads the query embeddings (``reads_query_embeddings``, true unless a subclass says otherwise)
+    is refused by a model whose query tower gives K interests per user ([B, K, d])."""
+
+    reads_query_embeddings = True
 
     def __init__(self, weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -41,6 +45,9 @@ class AuxiliaryLoss(tf.keras.layers.Layer):
         """Called by the model the loss is added to; a loss belongs to one model."""
         if self._model_ref.model is not None and self._model_ref.model is not model:
             raise ValueError(f"auxiliary loss {self.name!r} already belongs to model {self._model_ref.model.name!r}")
+        if self.reads_query_embeddings and getattr(model, "multi_interest", False):
+            raise ValueError(f"auxiliary loss {self.name!r} ({type(self).__name__}) reads one query vector per "
+                             f"user, but the query tower {type(model.query_tower).__name__} gives K interests")
         self._model_ref.model = model
         self.check_model(model)
 

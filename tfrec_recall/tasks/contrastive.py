@@ -80,6 +80,8 @@ class ContrastiveLoss(AuxiliaryLoss):
     step); ``mask_sets``: CFM sets (``None``: random masking); ``dropout``: the multi-valued features' value
     dropout rate; ``temperature``: tau of L_self."""
 
+    reads_query_embeddings = False  # the candidate tower's alone: fits a multi-interest model too
+
     def __init__(self, corpus_features: Mapping[str, Sequence], weight: float = 1.0, temperature: float = 0.1,
                  batch_size: int = 256, dropout: float = 0.1, mask_sets: Optional[Sequence[Sequence[int]]] = None,
                  id_feature: str = "item_id", seed: int = 0, **kwargs):

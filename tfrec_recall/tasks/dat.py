@@ -79,6 +79,8 @@ class CategoryAlignmentLoss(AuxiliaryLoss):
     value is the item's category (e.g. the first listed genre); values outside its vocabulary form one more
     category. The loss reads that raw feature from the batch (:meth:`feature_specs`)."""
 
+    reads_query_embeddings = False  # the candidate tower's alone: fits a multi-interest model too
+
     def __init__(self, category: SpecLike, weight: float = 1.0, **kwargs):
         super().__init__(weight=weight, **kwargs)
         spec = as_spec(category)

@@ -109,34 +109,44 @@ class B2IRouting(_Extractor):
                 "seed": self.seed}
 
 
+ROUTING_MAPS = ("per_position", "per_interest")
+
+
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class CapsuleRouting(_Extractor):
     """ComiRec-DR's routing (module docstring): ``p_{j|i} = W_ij e_i`` with a map ``W_ij [d, d]`` for each
-    behaviour position i (the sequence length is fixed when the layer is built) and interest j; routing logits
-    start at 0; ``iterations`` rounds (3 in the paper)."""
+    behaviour position i (the sequence length is fixed when the layer is built) and interest j
+    (``maps="per_position"``, the paper's and the authors' ComiRec-DR), or one map ``W_j`` per interest shared by
+    every position (``maps="per_interest"``: the authors' code's other bilinear type, with L times fewer
+    weights); routing logits start at 0; ``iterations`` rounds (3 in the paper)."""
 
-    def __init__(self, num_interests: int = 4, iterations: int = 3, **kwargs):
+    def __init__(self, num_interests: int = 4, iterations: int = 3, maps: str = "per_position", **kwargs):
         super().__init__(num_interests, **kwargs)
         self.iterations = _check_routing(iterations)
+        if maps not in ROUTING_MAPS:
+            raise ValueError(f"maps must be one of {ROUTING_MAPS}, got {maps!r}")
+        self.maps_kind = maps
 
     def build(self, input_shape):
         length, dim = input_shape[-2], int(input_shape[-1])
-        if length is None:
+        if length is None and self.maps_kind == "per_position":
             raise ValueError("CapsuleRouting needs a fixed sequence length (one map per position), got shape "
                              f"{input_shape}")
         # Glorot scale of one d x d map (Keras's glorot on a 4-D shape would count L * K maps into the fan-in
         # and start every prediction near 0, where squash flattens the routing).
-        self.maps = self.add_weight(name="maps", shape=(int(length), self.num_interests, dim, dim),
+        positions = (int(length),) if self.maps_kind == "per_position" else ()
+        self.maps = self.add_weight(name="maps", shape=positions + (self.num_interests, dim, dim),
                                     initializer=tf.keras.initializers.TruncatedNormal(stddev=(1.0 / dim) ** 0.5))
         super().build(input_shape)
 
     def call(self, sequence, mask):
-        predictions = tf.einsum("bli,lkio->bklo", sequence, self.maps)
+        pattern = "bli,lkio->bklo" if self.maps_kind == "per_position" else "bli,kio->bklo"
+        predictions = tf.einsum(pattern, sequence, self.maps)
         logits = tf.zeros([1, self.num_interests, tf.shape(sequence)[1]], sequence.dtype)
         return dynamic_routing(predictions, logits, mask, self.iterations)
 
     def get_config(self):
-        return {**super().get_config(), "iterations": self.iterations}
+        return {**super().get_config(), "iterations": self.iterations, "maps": self.maps_kind}
 
 
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
@@ -158,8 +168,11 @@ class SelfAttentiveExtraction(_Extractor):
         logits = tf.where(valid, logits, tf.cast(-1e9, logits.dtype))
         return tf.nn.softmax(logits, axis=-1) * tf.cast(valid, logits.dtype)
 
-    def call(self, sequence, mask):
-        return tf.einsum("bkl,bld->bkd", self.attention(sequence, mask), sequence)
+    def call(self, sequence, mask, values=None):
+        """Interests ``[B, K, d]``: the attention over ``sequence`` applied to ``values`` ``[B, L, d']`` (default:
+        ``sequence`` itself; the authors' code attends over the embeddings plus positions and sums the plain
+        embeddings)."""
+        return tf.einsum("bkl,bld->bkd", self.attention(sequence, mask), sequence if values is None else values)
 
     def get_config(self):
         return {**super().get_config(), "attention_units": self.attention_units}
@@ -183,13 +196,20 @@ class CausalSelfAttentionEncoder(tf.keras.layers.Layer):
         self.dropout = tf.keras.layers.Dropout(self.dropout_rate)
 
     def build(self, input_shape):
-        dim = int(input_shape[-1])
+        dim, length = int(input_shape[-1]), input_shape[-2]
+        self._check_length(length)
         if dim % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide the sequence embedding width ({dim})")
         self.positions = self.add_weight(name="positions", shape=(self.max_length, dim), initializer="glorot_normal")
         self.blocks = [self._block(i, dim) for i in range(self.num_blocks)]
         self.final_norm = tf.keras.layers.LayerNormalization(name="final_norm")
         super().build(input_shape)
+
+    def _check_length(self, length) -> None:
+        if length is not None and int(length) > self.max_length:
+            raise ValueError(f"the sequence has {int(length)} positions but the encoder learned max_length="
+                             f"{self.max_length} position embeddings: truncate the history to {self.max_length} "
+                             "or build the encoder with a larger max_length")
 
     def _block(self, i: int, dim: int) -> dict:
         return {"norm_1": tf.keras.layers.LayerNormalization(name=f"block_{i}_norm_1"),
@@ -206,6 +226,7 @@ class CausalSelfAttentionEncoder(tf.keras.layers.Layer):
         return not_newer[None] & tf.cast(mask, tf.bool)[:, None, :]
 
     def call(self, sequence, mask, training=None):
+        self._check_length(sequence.shape[1])
         length = sequence.shape[1] if sequence.shape[1] is not None else tf.shape(sequence)[1]
         valid = tf.cast(mask, sequence.dtype)[..., None]
         x = self.dropout(sequence + self.positions[None, :length], training=training) * valid

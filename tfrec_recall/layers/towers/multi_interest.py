@@ -11,8 +11,8 @@ normalisation of :class:`~tfrec_recall.layers.towers.Tower` to each interest.
 * :class:`MINDTower` (``mind``): B2I dynamic routing (Li et al. 2019), and the dynamic number of interests
   K_u = max(1, min(K, log2 |history|)) (eq. 4; log2 rounded down, the paper leaves the rounding open).
 * :class:`ComiRecDRTower` (``comirec_dr``): ComiRec-DR's capsule routing (Cen et al. 2020).
-* :class:`ComiRecSATower` (``comirec_sa``): ComiRec-SA's self-attentive extraction over the history plus
-  learned positions, optionally after the SASRec encoder (``encoder_blocks`` > 0).
+* :class:`ComiRecSATower` (``comirec_sa``): ComiRec-SA's self-attentive extraction over the history (attention
+  steered by learned positions), optionally after the SASRec encoder (``encoder_blocks`` > 0).
 
 MIND routes a user's n behaviours into its K_u capsules alone (Algorithm 1); ComiRec keeps all K interests of
 any non-empty history, as the paper does (a history shorter than K gives K vectors all the same: ComiRec-DR's
@@ -27,8 +27,8 @@ from typing import Sequence
 import tensorflow as tf
 
 from tfrec_recall.features import SpecLike
-from tfrec_recall.layers.interest.extractors import (B2IRouting, CapsuleRouting, CausalSelfAttentionEncoder,
-                                                     SelfAttentiveExtraction)
+from tfrec_recall.layers.interest.extractors import (ROUTING_MAPS, B2IRouting, CapsuleRouting,
+                                                     CausalSelfAttentionEncoder, SelfAttentiveExtraction)
 from tfrec_recall.layers.towers.base import register_tower
 from tfrec_recall.layers.towers.mlp import MLPTower
 from tfrec_recall._validation import require_dropout, require_int, require_positive_int
@@ -135,31 +135,38 @@ class MINDTower(MultiInterestTower):
 @register_tower("comirec_dr")
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class ComiRecDRTower(MultiInterestTower):
-    """ComiRec-DR (Cen et al. 2020): :class:`CapsuleRouting` over the history, ``routing_iterations`` rounds."""
+    """ComiRec-DR (Cen et al. 2020): :class:`CapsuleRouting` over the history, ``routing_iterations`` rounds,
+    ``routing_maps`` "per_position" (the paper) or "per_interest" (shared over the positions)."""
 
     def __init__(self, features: Sequence[SpecLike], hidden_units: Sequence[int] = (), num_interests: int = 4,
-                 routing_iterations: int = 3, **kwargs):
+                 routing_iterations: int = 3, routing_maps: str = "per_position", **kwargs):
         super().__init__(features, hidden_units=hidden_units, num_interests=num_interests, **kwargs)
         require_positive_int("routing_iterations", routing_iterations)
-        self.routing = CapsuleRouting(num_interests, routing_iterations, name="capsule_routing")
+        if routing_maps not in ROUTING_MAPS:
+            raise ValueError(f"routing_maps must be one of {ROUTING_MAPS}, got {routing_maps!r}")
+        self.routing = CapsuleRouting(num_interests, routing_iterations, routing_maps, name="capsule_routing")
 
     def extract(self, sequence, mask, training=None):
         return self.routing(sequence, mask)
 
     def get_config(self):
-        return {**super().get_config(), "routing_iterations": self.routing.iterations}
+        return {**super().get_config(), "routing_iterations": self.routing.iterations,
+                "routing_maps": self.routing.maps_kind}
 
     @classmethod
     def run_config_options(cls, config) -> dict:
-        return {**super().run_config_options(config), "routing_iterations": config.routing_iterations}
+        return {**super().run_config_options(config), "routing_iterations": config.routing_iterations,
+                "routing_maps": config.routing_maps}
 
 
 @register_tower("comirec_sa")
 @tf.keras.utils.register_keras_serializable(package="tfrec_recall")
 class ComiRecSATower(MultiInterestTower):
     """ComiRec-SA (Cen et al. 2020): :class:`SelfAttentiveExtraction` (``attention_units``; None: 4 d as in the
-    authors' code) over the history embeddings plus learned positions; with ``encoder_blocks`` > 0, over the
-    states of the SASRec encoder instead (which adds its own positions)."""
+    authors' code) attending over the history embeddings plus learned positions and summing the embeddings (as
+    the authors' code does: the positions steer the attention, the interests stay in the items' space); with
+    ``encoder_blocks`` > 0, attending over and summing the states of the SASRec encoder instead (which adds its
+    own positions)."""
 
     def __init__(self, features: Sequence[SpecLike], hidden_units: Sequence[int] = (), num_interests: int = 4,
                  attention_units=None, encoder_blocks: int = 0, encoder_heads: int = 1,
@@ -179,10 +186,8 @@ class ComiRecSATower(MultiInterestTower):
 
     def extract(self, sequence, mask, training=None):
         if self.sequence_encoder is not None:
-            states = self.sequence_encoder(sequence, mask, training=training)
-        else:
-            states = sequence + self.positions[None]
-        return self.extraction(states, mask)
+            return self.extraction(self.sequence_encoder(sequence, mask, training=training), mask)
+        return self.extraction(sequence + self.positions[None], mask, values=sequence)
 
     def get_config(self):
         return {**super().get_config(), "attention_units": self.extraction.attention_units,
