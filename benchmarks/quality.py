@@ -74,7 +74,18 @@ OPTION_FAMILIES = [
       "parallel_combine": "senet"}, {}),
     ("+ distillation (cross-feature teacher)", BEST, {"distillation_weight": 1.0}, {}),
 ]
+# The sequence and multi-interest user towers (issue 12) on the default preset, learning rate (and SDM's session
+# gap, in seconds) chosen on validation; their runs also measure the intra-list genre diversity of the top 50.
+SEQUENCE_FAMILIES = [
+    ("Sequence: SASRec (self_attentive)", BEST, {"query_tower": "self_attentive"}, {"learning_rate": [0.001, 0.003]}),
+    ("Sequence: SDM", BEST, {"query_tower": "sdm"}, {"session_gap": [3600.0, 86400.0]}),
+    ("Multi-interest: MIND (K = 4)", BEST, {"query_tower": "mind"}, {"learning_rate": [0.001, 0.003]}),
+    ("Multi-interest: ComiRec-SA (K = 4)", BEST, {"query_tower": "comirec_sa"}, {"learning_rate": [0.001, 0.003]}),
+    ("Multi-interest: ComiRec-DR (K = 4)", BEST, {"query_tower": "comirec_dr"},
+     {"routing_maps": ["per_position", "per_interest"]}),
+]
 COLUMNS = ["HR@10", "HR@50", "HR@100", "NDCG@10", "MRR", "Coverage@100"]
+DIVERSITY_DEPTH = 50
 TAIL_SHARE = 0.8  # the tail: the 80 % least frequent items in training
 RECENT_SHARE = 0.2  # recent items: first seen in training in the last 20 % of its time span
 
@@ -135,13 +146,30 @@ def segment_metrics(model, split, segments) -> Dict[str, float]:
     return out
 
 
+def list_metrics(model, split) -> Dict[str, float]:
+    """Diversity@50 (ComiRec's intra-list diversity over the items' first genre) of the test users' top 50,
+    their training items excluded, as served: the model's own recommend (K interests merged)."""
+    from tfrec_recall.evaluation import intra_list_diversity
+    from tfrec_recall.evaluation.evaluate import corpus_arrays
+    from tfrec_recall.features import feature_arrays
+    genres = split.data.item_features["genres"]
+    categories = {i: (g[0] if len(g) else "none") for i, g in genres.reindex(split.data.items).items()}
+    corpus = corpus_arrays(split, model.candidate_tower.input_specs)
+    model.index_candidates(np.asarray(split.data.items).astype(str), corpus, max_k=DIVERSITY_DEPTH)
+    users = split.test.drop_duplicates("user_id")
+    queries = feature_arrays(users, split.data, model.query_tower.input_specs)
+    exclude = [split.train_items.get(u, []) for u in users["user_id"]]
+    _, ids = model.recommend(queries, k=DIVERSITY_DEPTH, exclude=exclude)
+    return {f"Diversity@{DIVERSITY_DEPTH}": intra_list_diversity(ids.numpy(), categories)}
+
+
 class NotRun(Exception):
     """A run the report needs is not in the run log (``--report-only``)."""
 
 
-def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=None):
+def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=None, lists=False):
     done = log.get(row, overrides, seed, max_epochs)
-    if done is not None and (segments is None or "segments" in done):
+    if done is not None and (segments is None or "segments" in done) and (not lists or "lists" in done):
         return done
     if log.report_only:
         raise NotRun(f"{row} {overrides} seed {seed}")
@@ -156,19 +184,21 @@ def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=N
               "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - start}
     if segments is not None:
         record["segments"] = segment_metrics(result.model, split, segments)
+    if lists:
+        record["lists"] = list_metrics(result.model, split)
     log.add(record)
     print(f"  {row} {overrides} seed {seed}: valid {SELECTION} {record['valid'][SELECTION]:.4f} "
           f"(best epoch {record['best_epoch']} of {record['epochs_run']}, {record['wall_seconds']:.0f} s)", flush=True)
     return record
 
 
-def select(log, split, family, max_epochs, segments=None) -> dict:
+def select(log, split, family, max_epochs, segments=None, lists=False) -> dict:
     """The grid point with the best validation metric (seed 0); test metrics are not read."""
     row, preset, fixed, grid = family
     scored = []
     for point in grid_points(grid):
         overrides = {**fixed, **point}
-        record = run(log, split, row, preset, overrides, 0, max_epochs, segments)
+        record = run(log, split, row, preset, overrides, 0, max_epochs, segments, lists)
         scored.append((record["valid"][SELECTION], overrides))
     return max(scored, key=lambda s: s[0])[1]
 
@@ -201,14 +231,15 @@ def main(argv=None) -> int:
     log = RunLog(out.parent / "quality_runs.jsonl", args.fresh, args.report_only)
     rows, options = [], []
     segments = segment_items(split)
-    for family in FAMILIES + OPTION_FAMILIES:
+    sequences = []
+    for family in FAMILIES + OPTION_FAMILIES + SEQUENCE_FAMILIES:
         if args.only and not any(o.lower() in family[0].lower() for o in args.only):
             continue
-        measure = segments if family in OPTION_FAMILIES else None
+        measure, lists = (segments if family in OPTION_FAMILIES else None), family in SEQUENCE_FAMILIES
         print(f"{family[0]}: selecting on validation", flush=True)
         try:
-            chosen = select(log, split, family, args.max_epochs, measure)
-            records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs, measure)
+            chosen = select(log, split, family, args.max_epochs, measure, lists)
+            records = [run(log, split, family[0], family[1], chosen, seed, args.max_epochs, measure, lists)
                        for seed in SEEDS]
         except NotRun as missing:
             print(f"  not reported: the run log lacks {missing}", flush=True)
@@ -217,8 +248,12 @@ def main(argv=None) -> int:
                      "summary": summarize(records)})
         if measure is not None:
             options.append({**rows[-1], "segments": summarize_segments(records)})
+        if lists:
+            sequences.append({**rows[-1], "lists": summarize_lists(records)})
     if options:
         write_options_report(options, segments, split, out.parent / "options_ml100k")
+    if sequences:
+        write_sequence_report(sequences, log, split, out.parent / "sequence_ml100k")
     from tfrec_recall.evaluation.baselines import most_popular_metrics
     rows.insert(0, {"name": "Most popular (reference)", "overrides": None,
                     "valid": most_popular_metrics(split, "valid"), "test": most_popular_metrics(split, "test")})
@@ -230,6 +265,38 @@ def summarize_segments(records) -> dict:
     names = sorted(set.intersection(*(set(r["segments"]) for r in records)))
     return {n: (float(np.mean([r["segments"][n] for r in records])),
                 float(np.std([r["segments"][n] for r in records], ddof=1))) for n in names}
+
+
+def summarize_lists(records) -> dict:
+    names = sorted(set.intersection(*(set(r["lists"]) for r in records)))
+    return {n: (float(np.mean([r["lists"][n] for r in records])),
+                float(np.std([r["lists"][n] for r in records], ddof=1))) for n in names}
+
+
+def write_sequence_report(rows, log, split, out: Path) -> None:
+    """The sequence and multi-interest towers beside the baseline preset: test HR, coverage and diversity."""
+    base = next((r for r in log.runs if r["row"].startswith("Baseline") and r["seed"] == 0), None)
+    metrics = ["HR@10", "HR@50", "HR@100", "Coverage@100"]
+    lines = ["| user tower | valid HR@50 | " + " | ".join(f"test {m}" for m in metrics)
+             + f" | test Diversity@{DIVERSITY_DEPTH} | chosen on validation |", "|---|---|" + "---|" * (len(metrics) + 2)]
+    for r in rows:
+        s, d = r["summary"], r["lists"][f"Diversity@{DIVERSITY_DEPTH}"]
+        grid = {k: r["overrides"][k] for k in r["grid"]}
+        lines.append(f"| {r['name']} | {_cell(s, 'valid_' + SELECTION)} | " + " | ".join(_cell(s, m) for m in metrics)
+                     + f" | {d[0]:.3f} ± {d[1]:.3f} | {json.dumps(grid, sort_keys=True)} |")
+    best = max(rows, key=lambda r: r["summary"]["valid_" + SELECTION][0])
+    baseline = f"Baseline `{BEST}` (seed 0): test HR@50 {base['test']['HR@50']:.3f}.\n\n" if base else ""
+    text = ("# Sequence and multi-interest user towers on MovieLens 100K\n\n"
+            f"Each tower replaces the query tower of the default preset `{BEST}` (its history of 50, mixed "
+            "negatives, logQ); K = 4 interests for the multi-interest towers, searched each and merged by best "
+            "score. Grids searched on validation with seed 0; test as mean ± sd over seeds 0, 1, 2. Diversity@50: "
+            "the share of pairs of the top-50 items (training items excluded) whose first genres differ "
+            f"(ComiRec's measure). {len(split.test)} test users, {len(split.data.items)} items.\n\n" + baseline
+            + f"Best on validation: {best['name']}.\n\nCommand: `.venv/bin/python benchmarks/quality.py --only "
+            "Sequence Multi-interest` (runs logged in `quality_runs.jsonl`).\n\n" + "\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    print(text)
 
 
 def _relative(value, base) -> str:

@@ -27,7 +27,7 @@ from tests.test_serving import serving_exports
 
 TINY = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [16], "batch_size": 256,
         "attention_blocks": 1}
-TOWERS = ("mind", "comirec_dr", "comirec_sa", "self_attentive")
+TOWERS = ("mind", "comirec_dr", "comirec_sa", "self_attentive", "sdm")  # the last two: one vector per user
 K = 10
 
 
@@ -158,7 +158,7 @@ def test_each_export_answers_as_the_model_and_records_the_interests(exported):
         np.testing.assert_array_equal(served["item_ids"].numpy(), ids.numpy(), err_msg=name)
         manifest = json.loads((root / name / "1" / "assets" / "manifest.json").read_text())
         embedding = loaded.signatures["query_embedding"](**{k: tf.constant(v) for k, v in entry["features"].items()})
-        if name == "self_attentive":
+        if name in ("self_attentive", "sdm"):
             assert manifest["num_interests"] == 1 and manifest["merge"] is None
             assert embedding["query_embedding"].shape == (12, 16)
             continue
@@ -233,15 +233,16 @@ def test_the_local_server_and_grpc_client_answer_the_tower(exported, server, nam
     np.testing.assert_allclose(out["scores"], expected["scores"].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_cli_trains_exports_and_recommends_with_a_multi_interest_tower(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("tower, option", [("comirec_sa", "num_interests=3"), ("sdm", "session_gap=86400")])
+def test_cli_trains_exports_and_recommends_with_a_sequence_tower(tmp_path, monkeypatch, capsys, tower, option):
     from tests.test_cli import _small_synthetic
     monkeypatch.setattr("tfrec_recall.data.registry.make_synthetic", _small_synthetic)
     out = tmp_path / "run"
     args = ["train", "--model", "youtube_dnn", "--out", str(out), "--quiet", "--history-length", "10",
-            "--epochs", "1", "--set", "embedding_dim=16", "--set", "output_dim=16", "--set", "query_tower=comirec_sa",
-            "--set", "num_interests=3"]
+            "--epochs", "1", "--set", "embedding_dim=16", "--set", "output_dim=16", "--set", f"query_tower={tower}",
+            "--set", option]
     assert cli.main(args) == 0
-    assert "query_tower: comirec_sa" in (out / "config.yaml").read_text()
+    assert f"query_tower: {tower}" in (out / "config.yaml").read_text()
     assert cli.main(["export", "--model-dir", str(out), "--k", "5", "--export-dir-base", str(tmp_path / "e")]) == 0
     assert "exported model answers like the in-memory model: True" in capsys.readouterr().out
     assert cli.main(["evaluate", "--model-dir", str(out), "--output", str(tmp_path / "m.json")]) == 0

@@ -255,6 +255,23 @@ def test_client_retries_unavailable_with_backoff(monkeypatch):
         GrpcClient("127.0.0.1:1", "m", timeout=0)
 
 
+def test_client_sends_numeric_inputs_as_the_signature_takes_them(monkeypatch):
+    """float32 features and int64 ones (SDM's history timestamps) from any numeric array; the dtypes are read
+    from the signature (stubbed here: no server)."""
+    client = GrpcClient("127.0.0.1:1", "m")
+    monkeypatch.setattr(client, "input_dtypes", lambda signature: {"age": np.dtype(np.float32),
+                                                                    "history_times": np.dtype(np.int64)})
+    arrays = {"age": np.array([25, 31]), "history_times": np.array([[1.7e9, 1.6e9], [5.0, 0.0]]),
+              "other": np.array([1.5, 2.5]), "history": np.array([["a"], ["b"]], dtype=object)}
+    out = client._numeric_dtypes(arrays, "serving_default")
+    assert out["age"].dtype == np.float32 and out["history_times"].dtype == np.int64
+    assert out["other"].dtype == np.float32 and out["history"].dtype == object  # unlisted numeric: float32
+    assert out["history_times"][0, 0] == 1_700_000_000  # no float32 rounding (which would give 1_700_000_000 +- 64)
+    with pytest.raises(ValueError, match=r"features\['history_times'\]: the signature takes int64, got non-integer"):
+        client._numeric_dtypes({"history_times": np.array([[1.5]])}, "serving_default")
+    client.close()
+
+
 def test_rest_client_against_a_local_stub():
     seen, failures = [], [1]
 

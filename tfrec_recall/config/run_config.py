@@ -95,6 +95,10 @@ class RunConfig:
     attention_blocks: int = 2
     attention_heads: int = 1
     attention_dropout: float = 0.2
+    # SDM (query_tower sdm): a new session starts after a gap above session_gap between adjacent behaviours (in the
+    # timestamps' unit: seconds for MovieLens); the current session holds at most session_length behaviours
+    session_gap: float = 600.0
+    session_length: int = 10
     # Model selection on the validation split: early stopping with best-epoch restore
     selection_metric: str = "HR@50"
     patience: int = 3  # epochs without improvement before stopping; 0 trains all epochs and keeps the last
@@ -193,6 +197,10 @@ class RunConfig:
         need(0 <= self.attention_dropout < 1, "attention_dropout", self.attention_dropout, "must be in [0, 1)")
         need(self.routing_maps in ("per_position", "per_interest"), "routing_maps", self.routing_maps,
              "must be per_position or per_interest")
+        need(isinstance(self.session_gap, (int, float)) and not isinstance(self.session_gap, bool)
+             and math.isfinite(self.session_gap) and self.session_gap >= 0, "session_gap", self.session_gap,
+             "must be a finite number >= 0 (in the timestamps' unit)")
+        need(self.session_length >= 1, "session_length", self.session_length, "must be >= 1")
         power = self.label_aware_power
         need(power is None or (isinstance(power, (int, float)) and not isinstance(power, bool)
                                and not math.isnan(power) and power >= 0), "label_aware_power", power,

@@ -8,12 +8,13 @@ with at least 3 goes to validation / test with the given probabilities (at least
 History features are causal. A training row's ``history`` holds the same user's previous ``history_length``
 training items, most recent first: never the row's own item, never anything later. A validation or test row's
 ``history`` holds the user's last training items (no validation or test item), and ``exclude`` all the user's
-training items, which ranking removes from the candidates.
+training items, which ranking removes from the candidates. ``history_times`` holds the timestamps of the
+``history`` items, in the same order (session-based towers such as SDM split sessions by them).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ class Split:
     test: pd.DataFrame
     history_length: int
     train_items: Dict[str, List[str]]  # user -> training items in time order
+    train_times: Optional[Dict[str, List[int]]] = None  # user -> their timestamps (None: not recorded)
 
     def describe(self) -> str:
         return (f"train {len(self.train):,} rows, valid {len(self.valid):,} users, test {len(self.test):,} users, "
@@ -47,27 +49,35 @@ def _sorted(data: InteractionData) -> pd.DataFrame:
 def _build(data: InteractionData, df: pd.DataFrame, role: np.ndarray, history_length: int) -> Split:
     """role: 0 train, 1 valid, 2 test, per row of the user/time-sorted frame ``df``."""
     train_items: Dict[str, List[str]] = {}
-    histories = np.empty(len(df), dtype=object)
-    users = df[USER_ID].to_numpy()
-    items = df[ITEM_ID].to_numpy()
+    train_times: Dict[str, List[int]] = {}
+    histories, times = np.empty(len(df), dtype=object), np.empty(len(df), dtype=object)
+    users, items = df[USER_ID].to_numpy(), df[ITEM_ID].to_numpy()
+    stamps = df[TIMESTAMP].to_numpy()
     boundaries = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
     for start, end in zip(boundaries[:-1], boundaries[1:]):
         sequence: List[str] = []
+        when: List[int] = []
         for row in range(start, end):
             if role[row] == 0:
-                histories[row] = tuple(sequence[::-1][:history_length])
+                histories[row], times[row] = _recent(sequence, when, history_length)
                 sequence.append(items[row])
-        train_items[users[start]] = sequence
-        recent = tuple(sequence[::-1][:history_length])
+                when.append(int(stamps[row]))
+        train_items[users[start]], train_times[users[start]] = sequence, when
+        recent = _recent(sequence, when, history_length)
         for row in range(start, end):
             if role[row] != 0:
-                histories[row] = recent
-    df = df.assign(history=histories)
-    keep = [USER_ID, ITEM_ID, TIMESTAMP] + ([WEIGHT] if WEIGHT in df.columns else []) + ["history"]
+                histories[row], times[row] = recent
+    df = df.assign(history=histories, history_times=times)
+    keep = [USER_ID, ITEM_ID, TIMESTAMP] + ([WEIGHT] if WEIGHT in df.columns else []) + ["history", "history_times"]
     train = df.loc[role == 0, keep].reset_index(drop=True)
     valid = df.loc[role == 1, keep].reset_index(drop=True)
     test = df.loc[role == 2, keep].reset_index(drop=True)
-    return Split(data, train, valid, test, history_length, train_items)
+    return Split(data, train, valid, test, history_length, train_items, train_times)
+
+
+def _recent(sequence: List[str], when: List[int], history_length: int):
+    """(history, its timestamps): the last ``history_length`` items, most recent first."""
+    return tuple(sequence[::-1][:history_length]), tuple(when[::-1][:history_length])
 
 
 def leave_last_out(data: InteractionData, history_length: int = 50) -> Split:

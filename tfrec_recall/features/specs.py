@@ -12,6 +12,8 @@ derived without a switch over kinds. Inputs are dense:
 * ``NumericFeature``: ``[batch]`` float32, standardised with the training mean and variance (NaN -> mean).
 * ``SequenceFeature`` (the item history): ``[batch, max_len]`` string, most recent first, padded with ``""``;
   pooled by ``mean`` or ``recency`` (weights ``decay ** position``).
+* ``SequenceTimesFeature`` (``history_times``): ``[batch, max_len]`` int64, the timestamp of each history
+  behaviour, aligned with the history (padding 0); never embedded: session-based towers (SDM) read it raw.
 
 ``specs_from_split`` (:mod:`tfrec_recall.features.vocabularies`) derives the specs from a split's *training*
 data: vocabularies, normalisation statistics and padded widths; values outside the vocabulary map to OOV buckets.
@@ -28,6 +30,7 @@ import tensorflow as tf
 from tfrec_recall._validation import require_int
 
 HISTORY = "history"
+HISTORY_TIMES = "history_times"
 EXAMPLE_AGE = "example_age"
 POOLINGS = ("mean", "recency")
 _FEATURE_KINDS: Dict[str, type] = {}  # written only by register_feature_kind
@@ -217,6 +220,40 @@ class SequenceFeature(MultiCategoricalFeature):
             raise ValueError(f"{self.name}.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"{self.name}.decay must be in (0, 1], got {self.decay!r}")
+
+
+@register_feature_kind
+@dataclasses.dataclass(frozen=True)
+class SequenceTimesFeature(FeatureSpec):
+    """The timestamps of the history's behaviours (module docstring), in the data's time unit (seconds for
+    MovieLens); a tower that reads it keeps it out of its :class:`FeatureEncoder`."""
+    max_len: int = 50
+    embedding_dim: int = 1  # not embedded
+    kind = "sequence_times"
+    dtype = tf.int64
+    table_kind = None  # built from the interaction log beside the history, not read from a side table
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_int(f"{self.name}.max_len", self.max_len, 1)
+
+    @property
+    def width(self) -> Optional[int]:
+        return self.max_len
+
+    @property
+    def missing(self):
+        return 0
+
+    def raw_array(self, column: pd.Series) -> np.ndarray:
+        out = np.zeros((len(column), self.max_len), dtype=np.int64)
+        for row, values in enumerate(column.to_numpy()):
+            if isinstance(values, (tuple, list, np.ndarray)) and len(values):
+                times = np.asarray(values, dtype=np.float64)[:self.max_len]
+                if not np.isfinite(times).all():
+                    raise ValueError(f"{self.name}: row {row} has non-finite timestamps {list(values)[:5]}")
+                out[row, :len(times)] = np.round(times).astype(np.int64)
+        return out
 
 
 @register_feature_kind

@@ -144,21 +144,20 @@ class MultiQueryRetriever(Retriever):
 
 
 def _drop_duplicates(scores, ids):
-    """-inf for every occurrence of an id but its best-scoring one, and for empty ids (padding)."""
-    order = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)
-    sorted_ids = tf.gather(ids, order, batch_dims=1)
-    width = tf.shape(ids)[1]
-    earlier = tf.linalg.band_part(tf.ones([width, width], tf.bool), -1, 0) & ~tf.eye(width, dtype=tf.bool)
-    seen = tf.reduce_any(tf.equal(sorted_ids[:, :, None], sorted_ids[:, None, :]) & earlier[None], axis=2)
-    drop_sorted = seen | tf.equal(sorted_ids, "")
-    # Back to the original positions: position order[b, j] holds sorted entry j.
-    drop = tf.scatter_nd(_batch_index(order), tf.reshape(drop_sorted, [-1]), tf.shape(ids, out_type=tf.int32))
-    return tf.where(drop, tf.cast(-np.inf, scores.dtype), scores)
-
-
-def _batch_index(order):
-    rows = tf.broadcast_to(tf.range(tf.shape(order)[0])[:, None], tf.shape(order))
-    return tf.reshape(tf.stack([rows, order], axis=-1), [-1, 2])
+    """-inf for every occurrence of an id but its best-scoring one (the first of equal best ones), and for empty
+    ids (padding). Linear in B * W (hash-based unique, segment max and min), where comparing every pair of the W
+    merged ids as strings ([B, W, W] for W = K * per_query_k) would dominate multi-query latency."""
+    flat_ids, flat_scores = tf.reshape(ids, [-1]), tf.reshape(scores, [-1])
+    items, item = tf.unique(flat_ids, out_idx=tf.int64)
+    position = tf.range(tf.size(flat_ids, out_type=tf.int64))
+    row = position // tf.maximum(tf.shape(ids, out_type=tf.int64)[1], 1)
+    pairs, group = tf.unique(row * tf.size(items, out_type=tf.int64) + item, out_idx=tf.int64)  # (row, id) pairs
+    groups = tf.size(pairs, out_type=tf.int64)
+    best = tf.gather(tf.math.unsorted_segment_max(flat_scores, group, groups), group)
+    candidate = tf.where(tf.equal(flat_scores, best), position, tf.size(position, out_type=tf.int64))
+    first = tf.gather(tf.math.unsorted_segment_min(candidate, group, groups), group)
+    keep = tf.equal(first, position) & tf.not_equal(flat_ids, "")
+    return tf.where(tf.reshape(keep, tf.shape(ids)), scores, tf.cast(-np.inf, scores.dtype))
 
 
 def _pad(scores, ids, k: int):

@@ -33,8 +33,10 @@ def _as_arrays(features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
         array = np.asarray(value)
         if array.dtype.kind in "US" or array.dtype == object:
             array = array.astype(object)
-        elif array.dtype.kind in "fiu":
-            array = array.astype(np.float32)
+        elif array.dtype.kind in "iu":  # sent as the signature's dtype (GrpcClient._numeric_dtypes)
+            array = array.astype(np.int64)
+        elif array.dtype.kind == "f":
+            array = array.astype(np.float64)
         else:
             raise ValueError(f"features[{name!r}]: unsupported dtype {array.dtype}")
         if array.ndim == 0:
@@ -98,6 +100,7 @@ class GrpcClient:
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self._input_dtypes: Dict[str, Dict[str, np.dtype]] = {}  # signature -> input -> numpy dtype
 
     def close(self):
         self.channel.close()
@@ -139,6 +142,7 @@ class GrpcClient:
                 raise ValueError(f"give the exclusions as exclude or as features[{EXCLUDE_INPUT!r}], not both")
             arrays[EXCLUDE_INPUT] = exclusion_array(exclude, n)
             signature_name = signature_name or SIGNATURE_EXCLUSIONS
+        arrays = self._numeric_dtypes(arrays, signature_name or self.signature_name)
         chunks = []
         for start in range(0, n, self.max_batch_size):
             request = predict_pb2.PredictRequest()
@@ -150,6 +154,31 @@ class GrpcClient:
             response = self._call(self.prediction.Predict, request)
             chunks.append({name: tf.make_ndarray(proto) for name, proto in response.outputs.items()})
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _numeric_dtypes(self, arrays: Dict[str, np.ndarray], signature: str) -> Dict[str, np.ndarray]:
+        """Numeric inputs as the signature takes them (float32, or int64 such as history timestamps, whose
+        values must then be whole numbers); float32 for inputs the signature does not list."""
+        numeric = [name for name, a in arrays.items() if a.dtype != object]
+        dtypes = self.input_dtypes(signature) if numeric else {}
+        out = dict(arrays)
+        for name in numeric:
+            dtype = dtypes.get(name, np.dtype(np.float32))
+            if dtype.kind in "iu" and not np.all(np.isfinite(out[name]) & (np.floor(out[name]) == out[name])):
+                raise ValueError(f"features[{name!r}]: the signature takes {dtype.name}, got non-integer values")
+            out[name] = out[name].astype(dtype if dtype.kind in "fiu" else np.float32)
+        return out
+
+    def input_dtypes(self, signature: str) -> Dict[str, np.dtype]:
+        """``{input: numpy dtype}`` of one signature, read once from the server's model metadata."""
+        if signature not in self._input_dtypes:
+            import tensorflow as tf
+            from tensorflow_serving.apis import get_model_metadata_pb2
+            definitions = get_model_metadata_pb2.SignatureDefMap()
+            self.metadata().metadata["signature_def"].Unpack(definitions)
+            inputs = definitions.signature_def[signature].inputs if signature in definitions.signature_def else {}
+            self._input_dtypes[signature] = {name: np.dtype(tf.dtypes.as_dtype(info.dtype).as_numpy_dtype)
+                                             for name, info in inputs.items()}
+        return self._input_dtypes[signature]
 
     def query(self, features: Mapping[str, Sequence], exclude: Optional[Sequence[Sequence[str]]] = None) -> Results:
         """(item id, score) pairs per query, best first; ``exclude``: item ids per query to leave out."""

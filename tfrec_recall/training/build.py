@@ -27,11 +27,12 @@ def set_seed(seed: int) -> None:
     tf.keras.utils.set_random_seed(seed)
 
 
-def _tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str, augment=None):
+def _tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str, split: Split, augment=None):
     cls = tower_class(kind)
+    specs, from_data = cls.from_split(specs, config, split)
     return cls.from_hidden_units(specs, config.hidden_units, output_dim=config.output_dim,
                                  l2_normalize=config.l2_normalize, dropout=config.dropout, name=name,
-                                 augment=augment, **cls.run_config_options(config))
+                                 augment=augment, **cls.run_config_options(config), **from_data)
 
 
 def _specs(config: RunConfig, split: Split):
@@ -58,9 +59,9 @@ def _scorer(config: RunConfig, query_tower):
 
 def build_model(config: RunConfig, split: Split) -> TwoTower:
     specs = _specs(config, split)
-    query_tower = _tower(config.query_tower, specs["query"], config, "query_tower",
+    query_tower = _tower(config.query_tower, specs["query"], config, "query_tower", split,
                          augment_spec(config, split, "query"))
-    candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower",
+    candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower", split,
                              augment_spec(config, split, "candidate"))
     estimator = None
     if config.logq_correction and config.negatives != "global":  # global negatives: the sampler's own u(y)

@@ -122,8 +122,12 @@ def recommend(run: LoadedRun, split: Split, user_ids: Sequence[str], k: int = 10
     for user in user_ids:
         if user not in known:
             raise KeyError(f"user_id {user!r} has no training interactions in {split.data.name!r}")
-    rows = pd.DataFrame({USER_ID: list(user_ids),
-                         "history": [tuple(split.train_items[u][::-1][:split.history_length]) for u in user_ids]})
+    def recent(values):  # the last history_length, most recent first
+        return tuple(values[::-1][:split.history_length])
+
+    rows = pd.DataFrame({USER_ID: list(user_ids), "history": [recent(split.train_items[u]) for u in user_ids]})
+    if split.train_times is not None:
+        rows["history_times"] = [recent(split.train_times[u]) for u in user_ids]
     queries, mask = embed_queries(run.query_tower, feature_arrays(rows, split.data, run.query_tower.input_specs))
     scores = queries @ run.candidate_embeddings.T
     if mask is not None:  # K interests: an item's score is its best over the user's valid interests

@@ -8,10 +8,11 @@ from tfrec_recall.layers.towers.multi_interest import (ComiRecDRTower, ComiRecSA
                                                        MultiInterestTower)
 from tfrec_recall.layers.towers.parallel import ParallelTower
 from tfrec_recall.layers.towers.residual import ResidualTower
+from tfrec_recall.layers.towers.sdm import SDMTower
 from tfrec_recall.layers.towers.self_attentive import SelfAttentiveTower
 from tfrec_recall.layers.towers.senet import SENetTower
 from tfrec_recall.layers.towers.youtube_dnn import YouTubeDNNTower
 
 __all__ = ["Tower", "MLPTower", "ParallelTower", "SENetTower", "ResidualTower", "YouTubeDNNTower",
            "SelfAttentiveTower", "MultiInterestTower", "MINDTower", "ComiRecDRTower", "ComiRecSATower",
-           "model_base_config", "register_tower", "tower_class", "tower_names"]
+           "SDMTower", "model_base_config", "register_tower", "tower_class", "tower_names"]

@@ -232,6 +232,12 @@ class Tower(tf.keras.Model):
         return {}
 
     @classmethod
+    def from_split(cls, specs: Sequence[FeatureSpec], config, split) -> Tuple[List[FeatureSpec], dict]:
+        """(specs, extra constructor arguments) of this tower class for a RunConfig and a split: inputs and
+        tables a tower reads from the data beyond the shared specs (a subclass hook; the base adds none)."""
+        return list(specs), {}
+
+    @classmethod
     def from_hidden_units(cls, features: Sequence[SpecLike], hidden_units: Sequence[int], **kwargs) -> "Tower":
         """The tower for a RunConfig's ``hidden_units`` list (subclasses map it onto their own arguments)."""
         return cls(features, hidden_units=hidden_units, **kwargs)
