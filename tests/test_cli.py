@@ -116,6 +116,8 @@ def test_export_command_writes_a_serving_version_and_queries_it(trained_run, tmp
     assert "exported model answers like the in-memory model: True" in out
     assert cli.main(["export", "--model-dir", str(trained_run), "--k", "0", "--export-dir-base", str(base)]) == 2
     assert "--k must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["export", "--model-dir", str(trained_run), "--k", "100000", "--export-dir-base", str(base)]) == 2
+    assert "--k (100000) must be <= the number of candidates (150)" in capsys.readouterr().err
 
 
 def test_non_finite_learning_rate_and_diverging_training_exit_non_zero(tmp_path, monkeypatch, capsys):

@@ -194,6 +194,26 @@ def test_export_validation(tmp_path, exported_model):
     with pytest.raises(ValueError, match=r"k \(50\) must be <= the index's max_k \(10\)"):
         export_retrieval_model(model, (items, embeddings), index=BruteForce(max_k=10), export_dir_base=tmp_path,
                                k=50)
+    n = len(items)
+    with pytest.raises(ValueError, match=rf"k \({n + 1}\) must be <= the number of candidates \({n}\)"):
+        export_retrieval_model(model, (items, embeddings), export_dir_base=tmp_path, k=n + 1)
+
+
+def test_concurrent_exports_to_one_base_are_refused_and_leftovers_removed(tmp_path, exported_model):
+    """A second export to a base another export is writing to fails at once with a clear error (an exclusive
+    lock on the base); the temporary directory a killed export left is removed by the next export."""
+    from tfrec_recall._atomic import exclusive_lock
+    model, items, embeddings, _ = exported_model
+    base = tmp_path / "m"
+    base.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (base / f".tmp-1-{dead.pid}").mkdir()  # what a SIGKILLed export leaves
+    with exclusive_lock(base, "export"):
+        with pytest.raises(RuntimeError, match=r"another export is writing to .*m right now"):
+            export_retrieval_model(model, (items, embeddings), export_dir_base=base, k=5)
+    assert export_retrieval_model(model, (items, embeddings), export_dir_base=base, k=5) == base / "1"
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
 
 
 def test_candidate_export_round_trip(tmp_path):

@@ -5,15 +5,19 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from tfrec_recall._atomic import remove_stale_temporaries
 from tfrec_recall.config import DEFAULT_PRESET, PRESETS, ConfigError, load_config
 from tfrec_recall.data.registry import DATASETS, SPLITS, load_dataset, make_split, parse_column_map, split_from_args
 from tfrec_recall.data.schema import DataError
 
 
+VERBOSE = "--verbose"
 # Flags of `train` that override a configuration key.
 TRAIN_FLAGS = {"--epochs": "epochs", "--learning-rate": "learning_rate", "--patience": "patience"}
 
@@ -45,6 +49,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tfrec-recall", description="Train, evaluate and query retrieval models.")
+    parser.add_argument(VERBOSE, action="store_true", help="also show TensorFlow's and other libraries' "
+                                                           "start-up and runtime messages (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a model, evaluate it on the protocol and save it")
@@ -54,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                                             "timestamp, weight)")
     train.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
     train.add_argument("--split", choices=SPLITS, default="leave_last_out")
-    train.add_argument("--history-length", type=int, default=50)
+    train.add_argument("--history-length", type=int,
+                       help="behaviours in each history (default: the configuration's history_length, 50)")
     train.add_argument("--model", choices=sorted(PRESETS), default=DEFAULT_PRESET)
     train.add_argument("--config", help="YAML file overriding the preset's configuration keys")
     train.add_argument("--epochs", type=int, help="override the configuration's epochs (the most trained)")
@@ -149,9 +156,9 @@ def _print_metrics(metrics, title: str) -> None:
 
 
 def _train(args) -> int:
-    if args.history_length < 1:
+    if args.history_length is not None and args.history_length < 1:
         raise ConfigError(f"--history-length must be >= 1, got {args.history_length}")
-    overrides = {"history_length": args.history_length}
+    overrides = {} if args.history_length is None else {"history_length": args.history_length}
     overrides.update({key: getattr(args, key) for key in TRAIN_FLAGS.values() if getattr(args, key) is not None})
     settings = parse_settings(args.settings)
     overrides.update(settings)
@@ -164,15 +171,17 @@ def _train(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {args.out!r} exists and is not an empty directory")
+    # A killed run to the same --out left its temporary siblings (the model being saved, the logs): remove them.
+    remove_stale_temporaries(out.resolve().parent, rf"\.{re.escape(out.name)}\.(tmp|logs)-(?P<pid>\d+)")
     dataset_args = {"name": args.dataset, "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
                     "on_bad_rows": args.on_bad_rows, "column_map": parse_column_map(args.column_map),
-                    "split": args.split, "history_length": args.history_length, "seed": config.seed}
+                    "split": args.split, "history_length": config.history_length, "seed": config.seed}
     data = load_dataset(args.dataset, dataset_args["data_dir"], on_bad_rows=args.on_bad_rows,
                         column_map=dataset_args["column_map"])
     print(data.summary())
     if data.skipped_rows:
         print(f"skipped {data.skipped_rows} malformed rows (--on-bad-rows skip)")
-    split = make_split(data, args.split, args.history_length, config.seed)
+    split = make_split(data, args.split, config.history_length, config.seed)
     print(split.describe())
     from tfrec_recall import training  # imports TensorFlow: after the cheap checks
     import tensorflow as tf
@@ -232,6 +241,8 @@ def _export(args) -> int:
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
     run = training.load_run(args.model_dir)
+    if args.k > len(run.candidate_ids):
+        raise ConfigError(f"--k ({args.k}) must be <= the number of candidates ({len(run.candidate_ids)})")
     index = make_index(args.index, args.k, len(run.candidate_ids), storage_dtype=args.storage_dtype,
                        ivf_lists=args.ivf_lists, ivf_probes=args.ivf_probes, scann_leaves=args.scann_leaves,
                        scann_leaves_to_search=args.scann_leaves_to_search)
@@ -310,12 +321,14 @@ def _query(args) -> int:
         for name, info in inputs.items():
             dims = [d.size for d in info.tensor_shape.dim]
             is_string = info.dtype == types_pb2.DT_STRING
+            missing = "" if is_string else (0 if info.dtype == types_pb2.DT_INT64 else float("nan"))
             value = features.get(name)
             if value is None:
-                value = [[""] * dims[1] if len(dims) == 2 else ("" if is_string else float("nan"))] * n
+                value = [[missing] * dims[1] if len(dims) == 2 else missing] * n
             if len(dims) == 2:
-                value = [list(v)[:dims[1]] + [""] * (dims[1] - len(list(v)[:dims[1]])) for v in value]
-            prepared[name] = np.asarray(value, dtype=object if is_string else np.float32)
+                value = [list(v)[:dims[1]] + [missing] * (dims[1] - len(list(v)[:dims[1]])) for v in value]
+            # numbers as float64: the client sends them in the signature's dtype (float32, or int64 timestamps)
+            prepared[name] = np.asarray(value, dtype=object if is_string else np.float64)
         unknown = sorted(set(features) - set(inputs))
         if unknown:
             raise ConfigError(f"--features: unknown input {unknown[0]!r}; the model takes {sorted(inputs)}")
@@ -324,7 +337,20 @@ def _query(args) -> int:
     return 0
 
 
+def _quiet_libraries(argv: List[str]) -> List[str]:
+    """``argv`` without ``--verbose`` (accepted anywhere on the line). Without it, TensorFlow's C++ start-up and
+    runtime lines (CUDA stubs, cuDNN / cuFFT factories, TensorRT, tf.data's end-of-sequence notes) and
+    google.api_core's Python-version FutureWarning are hidden: set before TensorFlow is imported (a
+    TF_CPP_MIN_LOG_LEVEL already in the environment is kept)."""
+    if VERBOSE in argv:
+        return [a for a in argv if a != VERBOSE]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.api_core")
+    return list(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = _quiet_libraries(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "evaluate": _evaluate, "recommend": _recommend, "export": _export,

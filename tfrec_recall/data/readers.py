@@ -24,8 +24,14 @@ logger = logging.getLogger(__name__)
 ON_BAD_ROWS = ("error", "skip")
 
 
+INT64_MAX = 2 ** 63 - 1
+
+
 def _int(value: str) -> int:
-    return int(value.strip())
+    out = int(value.strip())
+    if not -INT64_MAX - 1 <= out <= INT64_MAX:
+        raise ValueError(f"out of the int64 range: {value.strip()!r}")
+    return out
 
 
 def _float(value: str) -> float:
@@ -39,6 +45,8 @@ def _str(value: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError("empty value")
+    if "\x00" in value:
+        raise ValueError(f"contains a NUL byte: {value!r}")
     return value
 
 
@@ -229,6 +237,10 @@ def _from_table(df: pd.DataFrame, source: str, column_map: Mapping[str, str],
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
     mapping = {USER_ID: USER_ID, ITEM_ID: ITEM_ID, TIMESTAMP: TIMESTAMP}
+    unknown = sorted(set(column_map) - {USER_ID, ITEM_ID, TIMESTAMP, WEIGHT})
+    if unknown:
+        raise DataError(f"column_map names the field {unknown[0]!r}, which is not one of "
+                        f"{[USER_ID, ITEM_ID, TIMESTAMP, WEIGHT]}", path=source, field=unknown[0])
     mapping.update(column_map)
     for field, column in mapping.items():
         if column not in df.columns:
@@ -254,9 +266,12 @@ def _from_table(df: pd.DataFrame, source: str, column_map: Mapping[str, str],
         values = df[mapping[field]]
         flag(values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy(), mapping[field],
              "empty value")
+        flag(values.astype(str).str.contains("\x00", regex=False).to_numpy(), mapping[field],
+             "the id contains a NUL byte")
     ts = pd.to_numeric(df[mapping[TIMESTAMP]], errors="coerce")
     flag(ts.isna().to_numpy() | (ts.to_numpy() != np.floor(ts.to_numpy())), mapping[TIMESTAMP],
          "timestamp is not an integer")
+    flag(np.abs(ts.to_numpy(dtype=float)) >= 2.0 ** 63, mapping[TIMESTAMP], "timestamp is out of the int64 range")
     weight = None
     if WEIGHT in mapping:
         weight = pd.to_numeric(df[mapping[WEIGHT]], errors="coerce")
@@ -306,6 +321,22 @@ def _from_table(df: pd.DataFrame, source: str, column_map: Mapping[str, str],
                            name=source, skipped_rows=int(bad.sum()))
 
 
+def _refuse_nul(path: Path, chunk: int = 1 << 20) -> None:
+    """A NUL byte in a text file is corruption (pandas' parser would cut the value there): ``DataError`` naming
+    its line."""
+    line = 1
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            if not block:
+                return
+            at = block.find(b"\x00")
+            if at >= 0:
+                raise DataError("the line contains a NUL byte (a binary or corrupt file?)", path=path,
+                                line=line + block.count(b"\n", 0, at))
+            line += block.count(b"\n")
+
+
 def read_csv(path, *, column_map: Optional[Mapping[str, str]] = None, feature_kinds: Optional[Mapping[str, str]] = None,
              user_feature_columns: Sequence[str] = (), item_feature_columns: Sequence[str] = (),
              delimiter: str = ",", encoding: str = "utf-8", on_bad_rows: str = "error",
@@ -316,10 +347,13 @@ def read_csv(path, *, column_map: Optional[Mapping[str, str]] = None, feature_ki
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path=path)
+    _refuse_nul(path)
     try:
         df = pd.read_csv(path, sep=delimiter, encoding=encoding, dtype=str, keep_default_na=False,
                          na_values=[""], on_bad_lines="error" if on_bad_rows == "error" else "skip",
                          engine="python" if len(delimiter) > 1 else "c")
+    except pd.errors.EmptyDataError:
+        raise DataError("the file is empty (a CSV needs a header row and rows)", path=path) from None
     except pd.errors.ParserError as error:
         raise DataError(f"malformed row: {error}", path=path) from None
     except UnicodeDecodeError as error:
@@ -348,6 +382,9 @@ def read_parquet(path, *, column_map: Optional[Mapping[str, str]] = None,
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path=path)
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError) as error:  # pyarrow's errors (ArrowInvalid is a ValueError) lack the file name
+        raise DataError(f"cannot read as Parquet: {error}", path=path) from None
     return _from_table(df, str(path), column_map or {}, feature_kinds or {}, user_feature_columns,
                        item_feature_columns, on_bad_rows, multi_value_separator, header_lines=0)

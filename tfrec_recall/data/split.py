@@ -19,10 +19,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from tfrec_recall.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, InteractionData
+from tfrec_recall.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, DataError, InteractionData
 from tfrec_recall._validation import require_int
 
 ORDER = "_order"
+MIN_USERS = 2
+MIN_INTERACTIONS = 3  # per user, for leave_last_out to hold one out for validation and one for test
 
 
 @dataclasses.dataclass
@@ -48,6 +50,7 @@ def _sorted(data: InteractionData) -> pd.DataFrame:
 
 def _build(data: InteractionData, df: pd.DataFrame, role: np.ndarray, history_length: int) -> Split:
     """role: 0 train, 1 valid, 2 test, per row of the user/time-sorted frame ``df``."""
+    _check_roles(data, df, role)
     train_items: Dict[str, List[str]] = {}
     train_times: Dict[str, List[int]] = {}
     histories, times = np.empty(len(df), dtype=object), np.empty(len(df), dtype=object)
@@ -73,6 +76,20 @@ def _build(data: InteractionData, df: pd.DataFrame, role: np.ndarray, history_le
     valid = df.loc[role == 1, keep].reset_index(drop=True)
     test = df.loc[role == 2, keep].reset_index(drop=True)
     return Split(data, train, valid, test, history_length, train_items, train_times)
+
+
+def _check_roles(data: InteractionData, df: pd.DataFrame, role: np.ndarray) -> None:
+    """A split must leave something to learn from and to measure: 2 users or more, and validation and test
+    rows (leave-last-out: a user with 3 interactions or more)."""
+    users = df[USER_ID].nunique()
+    if users < MIN_USERS:
+        raise DataError(f"the data has {users} user(s); a retrieval split needs at least {MIN_USERS} (in-batch "
+                        "negatives and a held-out user to rank for)", path=data.name)
+    if not (role == 1).any() or not (role == 2).any():
+        most = int(df.groupby(USER_ID).size().max())
+        raise DataError(f"no user is left for validation and test: a user needs at least {MIN_INTERACTIONS} "
+                        f"interactions (training, validation, test), the most any user has is {most}",
+                        path=data.name)
 
 
 def _recent(sequence: List[str], when: List[int], history_length: int):

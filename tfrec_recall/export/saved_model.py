@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfrec_recall
-from tfrec_recall._atomic import atomic_directory
+from tfrec_recall._atomic import atomic_directory, exclusive_lock, remove_stale_temporaries
 from tfrec_recall.features.specs import HISTORY, SequenceFeature
 from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
 from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
@@ -244,6 +244,9 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
         raise TypeError(f"model must be a TwoTower or a tfrec_recall tower, got {type(model).__name__}")
     require_positive_int("k", k)
     ids, embeddings = _candidates(model, candidates)
+    if k > len(ids):
+        raise ValueError(f"k ({k}) must be <= the number of candidates ({len(ids)}): the answers would end in "
+                         "empty ids")
     if not isinstance(index, TopKIndex):
         if index not in index_names():
             raise ValueError(f"index must be a TopKIndex or one of {list(index_names())}, got {index!r}")
@@ -256,13 +259,23 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
         raise ValueError(f"the index holds {index.num_candidates} candidates but {len(ids)} were given")
     base = Path(export_dir_base)
     base.mkdir(parents=True, exist_ok=True)
+    merge = _merge(query_tower, index, ids, per_query_k, diversity, item_categories)
+    module = RetrievalModule(query_tower, index, k, exclude_history, merge)
+    with exclusive_lock(base, "export"):  # one writer picks a version at a time
+        remove_stale_temporaries(base, STALE_EXPORT)
+        return _save(module, model, index, ids, embeddings, base, version)
+
+
+STALE_EXPORT = r"\.tmp-\d+-(?P<pid>\d+)"  # the temporary directory of an export (version, process)
+
+
+def _save(module, model, index, ids, embeddings, base: Path, version: Optional[int]) -> Path:
+    """Writes the SavedModel and its manifest as version ``version`` (None: the next) of ``base``, atomically."""
     version = _next_version(base) if version is None else version
     require_positive_int("version", version)
     final = base / str(version)
     if final.exists():
         raise FileExistsError(f"{final} exists; versions are never overwritten")
-    merge = _merge(query_tower, index, ids, per_query_k, diversity, item_categories)
-    module = RetrievalModule(query_tower, index, k, exclude_history, merge)
     with atomic_directory(final, base / f".tmp-{version}-{os.getpid()}") as tmp:
         options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if isinstance(index, ScaNN) else None)
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_DEFAULT: module.serve,
