@@ -4,7 +4,7 @@
 
 `tfrec_recall.data.make_multi_interest`: each user has 1-4 interests (item clusters) and a history drawn from
 them; leave-last-out split. For each query tower (the single-vector baselines: mean-pooled history MLP and the
-self-attentive SASRec tower; the multi-interest ones: MIND, ComiRec-SA, ComiRec-DR) the learning rate is chosen
+self-attentive SASRec tower and SDM; the multi-interest ones: MIND, ComiRec-SA, ComiRec-DR) the learning rate is chosen
 on validation HR@50 (seed 0), then 3 seeds report test HR@10/HR@50, interest recovery (for each true interest,
 the best cosine between any valid learned interest and the cluster's centroid of item embeddings; mean over
 users) and the intra-list category diversity of the top 50 (ComiRec's Diversity@50). Writes
@@ -32,7 +32,8 @@ from tfrec_recall.evaluation.interests import intra_list_diversity, split_intere
 from tfrec_recall.retrievers import BruteForce  # noqa: E402
 
 TOWERS = {"mlp": "single vector (mean-pooled history, MLP)", "self_attentive": "single vector (SASRec)",
-          "mind": "MIND (K=4)", "comirec_sa": "ComiRec-SA (K=4)", "comirec_dr": "ComiRec-DR (K=4)"}
+          "sdm": "single vector (SDM)", "mind": "MIND (K=4)", "comirec_sa": "ComiRec-SA (K=4)",
+          "comirec_dr": "ComiRec-DR (K=4)"}
 LEARNING_RATES = (0.003, 0.01)
 SEEDS = (0, 1, 2)
 
