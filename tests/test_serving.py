@@ -248,8 +248,9 @@ def test_client_retries_unavailable_with_backoff(monkeypatch):
     sleeps = []
     monkeypatch.setattr("tfrec_recall.serving.client.time.sleep", sleeps.append)
     client = GrpcClient(f"127.0.0.1:{port}", "recall", retries=3, backoff=0.05, timeout=2)
-    code, _ = _error(lambda: client.predict({"history": np.array([["a"]], dtype=object)}))
-    assert code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ConnectionError, match=rf"^cannot reach the model server at 127\.0\.0\.1:{port} \(UNAVAILABLE "
+                                              r"after 3 retries\): is `tfrec-recall serve` running there\?$"):
+        client.predict({"history": np.array([["a"]], dtype=object)})
     assert sleeps == [0.05, 0.1, 0.2]
     with pytest.raises(ValueError, match=r"timeout must be > 0 seconds, got 0"):
         GrpcClient("127.0.0.1:1", "m", timeout=0)

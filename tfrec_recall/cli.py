@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll-seconds", type=float, default=2.0)
     serve.add_argument("--max-batch-size", type=int, default=1024)
     serve.add_argument("--workers", type=int, default=8)
+    serve.add_argument("--rest-port", type=int, default=None,
+                       help="also answer TF Serving's REST API (/v1/models/NAME:predict, status, metadata) on this "
+                            "port of --host")
+    serve.add_argument("--max-request-values", type=int, default=None,
+                       help="the most values one request may declare over its inputs (default: --max-batch-size "
+                            "rows of the signature's inputs); larger requests get RESOURCE_EXHAUSTED")
 
     query = sub.add_parser("query", help="query a served model over gRPC")
     query.add_argument("--server", required=True, help="HOST:PORT")
@@ -296,12 +302,23 @@ def _serve(args) -> int:
             raise ConfigError(f"--model-config-file names the models; drop {' and '.join(given)}")
     elif args.model_dir is None or args.model_name is None:
         raise ConfigError("serve needs --model-dir and --model-name, or --model-config-file")
+    if args.max_request_values is not None and args.max_request_values < 1:
+        raise ConfigError(f"--max-request-values must be >= 1, got {args.max_request_values}")
     serve(args.model_dir, args.model_name, host=args.host, port=args.port, poll_seconds=args.poll_seconds,
-          workers=args.workers, max_batch_size=args.max_batch_size, model_config_file=args.model_config_file)
+          workers=args.workers, max_batch_size=args.max_batch_size, model_config_file=args.model_config_file,
+          rest_port=args.rest_port, max_request_values=args.max_request_values)
     return 0
 
 
 def _query(args) -> int:
+    import grpc
+    try:
+        return _query_server(args)
+    except grpc.RpcError as error:  # the server's answer to a bad request: one line, its status and message
+        raise RuntimeError(f"the server at {args.server} answered {error.code().name}: {error.details()}") from None
+
+
+def _query_server(args) -> int:
     import numpy as np
     from tensorflow.core.framework import types_pb2
     from tensorflow_serving.apis import get_model_metadata_pb2

@@ -2,7 +2,9 @@
 
 :class:`GrpcClient` speaks ``tensorflow.serving.PredictionService`` with a deadline per call, retries on
 UNAVAILABLE with exponential backoff, and splits large query batches into requests of ``max_batch_size``.
-:class:`RestClient` speaks TF Serving's REST API (``POST /v1/models/NAME[/versions/V]:predict``).
+:class:`RestClient` speaks TF Serving's REST API (``POST /v1/models/NAME[/versions/V]:predict``). A server
+that cannot be reached after the retries gives a one-line ``ServerUnreachableError`` (a ``ConnectionError``)
+naming the address.
 Both return Python results: for each query a list of ``(item_id, score)`` pairs, best first.
 
 ``GrpcClient.predict`` / ``query`` take ``exclude``: per query, item ids to leave out of its results (e.g. the
@@ -23,6 +25,11 @@ Results = List[List[Tuple[str, float]]]
 
 EXCLUDE_INPUT = "exclude_item_ids"  # tfrec_recall.export.EXCLUDE_INPUT (kept here: the client needs no TF import)
 SIGNATURE_EXCLUSIONS = "serve_with_exclusions"
+
+
+class ServerUnreachableError(ConnectionError, RuntimeError):
+    """The model server did not answer (UNAVAILABLE after the retries). A ``RuntimeError`` too, so the CLI
+    prints its one line instead of a traceback."""
 
 
 def _as_arrays(features: Mapping[str, Sequence]) -> Dict[str, np.ndarray]:
@@ -96,7 +103,7 @@ class GrpcClient:
         self.model_name, self.signature_name, self.version = model_name, signature_name, version
         self.version_label = version_label
         self.timeout, self.retries, self.backoff, self.max_batch_size = timeout, retries, backoff, max_batch_size
-        self._grpc = grpc
+        self._grpc, self.target = grpc, target
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
@@ -117,8 +124,12 @@ class GrpcClient:
             try:
                 return method(request, timeout=self.timeout)
             except self._grpc.RpcError as error:
-                if error.code() != self._grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                if error.code() != self._grpc.StatusCode.UNAVAILABLE:
                     raise
+                if attempt == self.retries:
+                    raise ServerUnreachableError(
+                        f"cannot reach the model server at {self.target} (UNAVAILABLE after {self.retries} "
+                        f"retries): is `tfrec-recall serve` running there?") from None
                 time.sleep(delay)
                 delay *= 2
 
@@ -223,9 +234,11 @@ class RestClient:
                 if error.code != 503 or attempt == self.retries:
                     detail = error.read().decode(errors="replace")[:500]
                     raise RuntimeError(f"{self.url}: HTTP {error.code}: {detail}") from None
-            except urllib.error.URLError:
+            except urllib.error.URLError as error:
                 if attempt == self.retries:
-                    raise
+                    raise ServerUnreachableError(
+                        f"cannot reach the model server at {self.url} ({error.reason} after {self.retries} "
+                        f"retries): is its REST endpoint (`serve(..., rest_port=...)`) running there?") from None
             time.sleep(delay)
             delay *= 2
         outputs = payload["outputs"]

@@ -1,6 +1,7 @@
 """Version naming for a TF Serving model base path, in one place.
 
-A model's versions are the directories ``BASE/<version>/`` with an integer name. Versions are **sequential
+A model's versions are the directories ``BASE/<version>/`` with an integer name (ASCII digits, at most
+int64 as in TF Serving; a larger one is no version). Versions are **sequential
 integers**: a new version is the largest existing integer version + 1, the first one is 1. This is what
 ``export_retrieval_model`` writes, what the TFX Pusher (pipelines/pusher.py) writes, and what
 serving/models.config's ``specific`` versions and ``version_labels`` refer to (``stable`` = 1, ``canary`` = 2
@@ -12,10 +13,22 @@ from __future__ import annotations
 from typing import Iterable, List
 
 
+MAX_VERSION = 2 ** 63 - 1  # TF Serving's versions are int64
+
+
 def version_of(name: str):
-    """The integer version a directory name stands for, or None when it is not a version directory."""
+    """The integer version a directory name stands for, or None when it is not a version directory: ASCII
+    digits only, at most ``MAX_VERSION`` (see ``is_out_of_range``)."""
     name = name.rstrip("/")
-    return int(name) if name.isdigit() else None
+    if not (name.isascii() and name.isdigit()) or is_out_of_range(name):
+        return None
+    return int(name)
+
+
+def is_out_of_range(name: str) -> bool:
+    """True for a name of ASCII digits too large for an int64 version (skipped; servers warn about it)."""
+    name = name.rstrip("/")
+    return name.isascii() and name.isdigit() and int(name) > MAX_VERSION
 
 
 def versions_in(names: Iterable[str]) -> List[int]:
