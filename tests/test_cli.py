@@ -52,6 +52,8 @@ def test_train_writes_model_dir(trained_run, capsys):
     assert metrics["valid"]["HR@50"] == pytest.approx(max(history["val_HR@50"]), abs=1e-6)
     assert (trained_run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(trained_run.parent.glob(".run.tmp-*"))
+    assert not (trained_run.parent / ".run.resume").exists()  # the finished run leaves no resume state
+    assert (trained_run / "logs").is_dir()
 
 
 def test_evaluate_reproduces_saved_test_metrics(trained_run, tmp_path, capsys):

@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from tfrec_recall._atomic import remove_stale_temporaries
+from tfrec_recall._atomic import exclusive_lock, remove_stale_temporaries
 from tfrec_recall.config import DEFAULT_PRESET, PRESETS, ConfigError, load_config
 from tfrec_recall.data.registry import DATASETS, SPLITS, load_dataset, make_split, parse_column_map, split_from_args
 from tfrec_recall.data.schema import DataError
@@ -190,15 +191,18 @@ def _train(args) -> int:
     split = make_split(data, args.split, config.history_length, config.seed)
     print(split.describe())
     from tfrec_recall import training  # imports TensorFlow: after the cheap checks
-    import tensorflow as tf
-    # TensorBoard logs go to a temporary sibling of --out; save_run moves them into the run as <out>/logs.
-    log_dir = str(out.with_name(f".{out.name}.logs-{os.getpid()}"))
-    try:
-        result = training.train(config, split, verbose=0 if args.quiet else 1, log_dir=log_dir)
-        training.save_run(result, split, out, config, dataset_args, log_dir=log_dir)
-    finally:
-        if tf.io.gfile.exists(log_dir):  # training or saving failed before the logs were moved in
-            tf.io.gfile.rmtree(log_dir)
+    # The state at every epoch's end, so that a killed run resumes: the same command goes on from there. The
+    # TensorBoard logs are kept with it; save_run moves them into the run as <out>/logs.
+    resume_dir = out.with_name(f".{out.name}.resume")
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(resume_dir, "training run"):
+        done = training.latest_state(resume_dir)
+        if done is not None:
+            print(f"resuming the interrupted run from {done} (delete {resume_dir} to start over)")
+        result = training.train(config, split, verbose=0 if args.quiet else 1, log_dir=str(resume_dir / "logs"),
+                                resume_dir=str(resume_dir))
+        training.save_run(result, split, out, config, dataset_args, log_dir=str(resume_dir / "logs"))
+        shutil.rmtree(resume_dir)  # the run is saved: nothing to resume
     _print_metrics(result.metrics, f"test metrics ({args.split}, full corpus, training items excluded):")
     print(f"trained in {result.train_seconds:.1f} s; model, metrics.json, history.json, training.png and "
           f"TensorBoard logs/ in {out}")

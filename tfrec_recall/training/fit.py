@@ -18,6 +18,7 @@ from tfrec_recall.models.base import index_split_corpus
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.build import build_model, make_optimizer, set_seed, training_arrays
 from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
+from tfrec_recall.training.resume import ResumeState, fingerprint
 from tfrec_recall.training.tensorboard import item_titles, require_log_dir, tensorboard_callbacks
 
 
@@ -58,7 +59,7 @@ def _logging_callbacks(model, split: Split, log_dir: Optional[str]) -> list:
 
 def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
           callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
-          log_dir: Optional[str] = None) -> TrainResult:
+          log_dir: Optional[str] = None, resume_dir: Optional[str] = None) -> TrainResult:
     """Builds and fits a model on ``split.train`` (the validation and test items are never trained on).
 
     Every ``evaluate_every`` epochs (0: never) the model is evaluated on the validation split; with
@@ -68,31 +69,41 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
     the returned model. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains exactly that many
     batches as one epoch instead of ``config.epochs`` passes. With ``log_dir``, TensorBoard logs go there: epoch
     scalars (loss, validation metrics) and, after training, the returned model's item embeddings for the
-    projector (:mod:`tfrec_recall.training.tensorboard`)."""
+    projector (:mod:`tfrec_recall.training.tensorboard`). With ``resume_dir``, the run's state is written there
+    at the end of every epoch and a state already there is resumed from (:mod:`tfrec_recall.training.resume`)."""
     if max_steps is not None:
         require_positive_int("max_steps", max_steps)
+        if resume_dir is not None:
+            raise ValueError("resume_dir works by epochs; it cannot be combined with max_steps")
     log_dir = require_log_dir(log_dir)
     set_seed(config.seed)
     model = build_model(config, split)
     model.compile(optimizer=make_optimizer(config))
-    dataset = make_dataset(training_arrays(model, split), config.batch_size, shuffle=True, seed=config.seed,
-                           repeat=max_steps is not None)
+    arrays = training_arrays(model, split)
+    dataset = make_dataset(arrays, config.batch_size, shuffle=True, seed=config.seed, repeat=max_steps is not None)
     epochs = config.epochs
     if max_steps is not None:
         dataset, epochs = dataset.take(max_steps), 1
     guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
     selection = _selection_callbacks(model, config, split, evaluate_every)
-    logging = _logging_callbacks(model, split, log_dir)
+    stopper = next((c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)), None)
+    resume = None if resume_dir is None else ResumeState(resume_dir, fingerprint(config, split), stopper)
+    initial_epoch = 0
+    if resume is not None:
+        resume.restore_model(model, next(iter(make_dataset(arrays, config.batch_size))))
+        # A run that early stopping had ended goes straight to the end (where the best weights are put back).
+        initial_epoch = epochs if resume.stopped else resume.initial_epoch
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose,
-                        callbacks=[guard, *selection, *callbacks, *logging])
+    history = model.fit(dataset, epochs=epochs, verbose=verbose, initial_epoch=initial_epoch,
+                        callbacks=[guard, *selection, *([resume] if resume else []), *callbacks,
+                                   *_logging_callbacks(model, split, log_dir)]).history
     seconds = time.perf_counter() - start
-    stopper = [c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)]
-    best_epoch = stopper[0].best_epoch + 1 if stopper and stopper[0].best_weights is not None else None
+    best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else None
     valid = evaluate(model, split, "valid", config.ks) if len(split.valid) else {}
     metrics = evaluate(model, split, "test", config.ks) if len(split.test) else {}
     index_split_corpus(model, split)  # so that train(...).model.recommend(user_features, k) answers
-    return TrainResult(model, {k: [float(x) for x in v] for k, v in history.history.items()}, metrics, seconds,
+    history = resume.history if resume is not None else history  # with the epochs before a resumption
+    return TrainResult(model, {k: [float(x) for x in v] for k, v in history.items()}, metrics, seconds,
                        valid, best_epoch)
 
 
