@@ -24,8 +24,10 @@ reports the rows whose runs are all logged). Writes benchmarks/results/quality_m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,7 +89,8 @@ SEQUENCE_FAMILIES = [
 COLUMNS = ["HR@10", "HR@50", "HR@100", "NDCG@10", "MRR", "Coverage@100"]
 DIVERSITY_DEPTH = 50
 TAIL_SHARE = 0.8  # the tail: the 80 % least frequent items in training
-RECENT_SHARE = 0.2  # recent items: first seen in training in the last 20 % of its time span
+RECENT_SHARE = 0.2
+RESUME_DIR = ".resume"  # beside the run log: the state of unfinished runs (not committed)  # recent items: first seen in training in the last 20 % of its time span
 
 
 def grid_points(grid: Dict[str, list]) -> List[dict]:
@@ -176,9 +179,14 @@ def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=N
     from tfrec_recall import training
     config = load_config(preset, overrides={**overrides, "seed": seed, "epochs": max_epochs, "patience": 3,
                                             "selection_metric": SELECTION})
+    # A run killed part-way (these take up to an hour here) resumes from its last epoch at the next start.
+    resume_dir = log.path.parent / RESUME_DIR / hashlib.sha1(log.key(row, overrides, seed, max_epochs).encode()
+                                                             ).hexdigest()[:16]
+    resumed = training.latest_state(resume_dir) is not None
     start = time.perf_counter()
-    result = training.train(config, split, verbose=0)
+    result = training.train(config, split, verbose=0, resume_dir=str(resume_dir))
     record = {"row": row, "preset": preset, "overrides": overrides, "seed": seed, "max_epochs": max_epochs,
+              "resumed": resumed,  # train_seconds and wall_seconds then count the resumed part only
               "best_epoch": result.best_epoch, "epochs_run": len(result.history["loss"]),
               "valid": result.valid_metrics, "test": result.metrics,
               "train_seconds": result.train_seconds, "wall_seconds": time.perf_counter() - start}
@@ -187,6 +195,7 @@ def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=N
     if lists:
         record["lists"] = list_metrics(result.model, split)
     log.add(record)
+    shutil.rmtree(resume_dir)
     print(f"  {row} {overrides} seed {seed}: valid {SELECTION} {record['valid'][SELECTION]:.4f} "
           f"(best epoch {record['best_epoch']} of {record['epochs_run']}, {record['wall_seconds']:.0f} s)", flush=True)
     return record
