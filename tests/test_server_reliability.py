@@ -205,19 +205,27 @@ def _status(repository):
     return {v: state for v, (state, _) in repository.status().items()}
 
 
-def test_a_version_caught_mid_copy_is_retried_when_complete(export_dir, tmp_path):
+def test_a_version_caught_mid_copy_is_retried_when_complete(export_dir, tmp_path, caplog):
     base = tmp_path / "recall"
     shutil.copytree(export_dir, base / "1")
     repository = ModelRepository("recall", base, poll_seconds=60)
     (base / "2").mkdir()
     shutil.copy(export_dir / "saved_model.pb", base / "2")  # the copy has just started
-    repository.refresh()
-    assert _status(repository)[2] == "END" and repository.loaded_versions() == [1]
-    repository.refresh()  # unchanged: not retried
-    assert repository.status()[2][1] and repository.loaded_versions() == [1]
-    shutil.copytree(export_dir, base / "2", dirs_exist_ok=True)  # the copy completes
-    repository.refresh()
+    with caplog.at_level(logging.INFO, logger="tfrec_recall.serving.server"):
+        repository.refresh()
+        assert _status(repository)[2] == "END" and repository.loaded_versions() == [1]
+        repository.refresh()  # unchanged: not retried
+        assert repository.status()[2][1] and repository.loaded_versions() == [1]
+        (base / "2" / "variables").mkdir()  # the copy goes on: retried, failing again
+        shutil.copy(export_dir / "variables" / "variables.index", base / "2" / "variables")
+        repository.refresh()
+        shutil.copytree(export_dir, base / "2", dirs_exist_ok=True)  # the copy completes
+        repository.refresh()
     assert repository.loaded_versions() == [2] and _status(repository) == {1: "END", 2: "AVAILABLE"}
+    # One warning for the incomplete version, then INFO while it changes: a copy does not flood the log.
+    levels = [r.levelname for r in caplog.records if "version 2 is not loadable" in r.getMessage()]
+    assert levels == ["WARNING", "INFO"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_deleted_version_is_unloaded_and_a_missing_folder_keeps_serving(export_dir, tmp_path, caplog):

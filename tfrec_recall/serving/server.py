@@ -191,8 +191,10 @@ class ModelRepository:
             loaded = LoadedVersion(version, self.base_path / str(version))
         except Exception as error:  # a broken version must not take the server down
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            logger.error("model %s version %d failed to load (retried when its directory changes): %s",
-                         self.name, version, message)
+            # Failing again in another form: most likely still being copied; said once, then only at INFO.
+            level = logging.INFO if version in self._failed else logging.WARNING
+            logger.log(level, "model %s version %d is not loadable (still being copied, or broken; retried when "
+                              "its directory changes): %s", self.name, version, message)
             self._failed[version] = self._fingerprint(version)
             self._set_status(version, "END", message)
             return False
