@@ -89,8 +89,8 @@ SEQUENCE_FAMILIES = [
 COLUMNS = ["HR@10", "HR@50", "HR@100", "NDCG@10", "MRR", "Coverage@100"]
 DIVERSITY_DEPTH = 50
 TAIL_SHARE = 0.8  # the tail: the 80 % least frequent items in training
-RECENT_SHARE = 0.2
-RESUME_DIR = ".resume"  # beside the run log: the state of unfinished runs (not committed)  # recent items: first seen in training in the last 20 % of its time span
+RECENT_SHARE = 0.2  # recent items: first seen in training in the last 20 % of its time span
+RESUME_DIR = ".resume"  # beside the run log: the state of unfinished runs (not committed)
 
 
 def grid_points(grid: Dict[str, list]) -> List[dict]:
