@@ -66,6 +66,17 @@ def test_empty_and_unreadable_files_are_named(tmp_path):
         read_parquet(broken)
 
 
+def test_a_file_that_is_not_parquet_does_not_abort_the_process_at_exit(tmp_path):
+    """pd.read_parquet's failure on such a file made the interpreter abort at exit (SIGABRT, "terminate called
+    without an active exception"): the CLI printed its error and then died with 134 instead of 2."""
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file at all")
+    code = ("import sys\nfrom tfrec_recall.data import read_parquet\nfrom tfrec_recall.data.schema import DataError\n"
+            f"try:\n    read_parquet({str(broken)!r})\nexcept DataError:\n    sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3 and "terminate called" not in done.stderr, done.stderr[-500:]
+
+
 def _data(rows):
     return InteractionData(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).astype(
         {"timestamp": np.int64}), name="tiny")

@@ -382,8 +382,11 @@ def read_parquet(path, *, column_map: Optional[Mapping[str, str]] = None,
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path=path)
+    import pyarrow.parquet as pq
+    # pyarrow directly, not pd.read_parquet: after pandas' read of a file that is not Parquet fails, the process
+    # aborts at exit ("terminate called without an active exception", pandas 2 / pyarrow 10 here).
     try:
-        df = pd.read_parquet(path)
+        df = pq.read_table(str(path)).to_pandas()
     except (OSError, ValueError) as error:  # pyarrow's errors (ArrowInvalid is a ValueError) lack the file name
         raise DataError(f"cannot read as Parquet: {error}", path=path) from None
     return _from_table(df, str(path), column_map or {}, feature_kinds or {}, user_feature_columns,
