@@ -47,7 +47,9 @@ import tensorflow as tf  # noqa: E402
 
 SMALL = "embedding_dim: 16\noutput_dim: 16\nhidden_units: [16]\nbatch_size: 512\npatience: 0\n"
 HISTORY = 10
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+# The CLI as a user runs it: its own TF_CPP_MIN_LOG_LEVEL default, not one a Makefile or test runner exported.
+ENV = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 @dataclasses.dataclass
