@@ -17,7 +17,7 @@ runs already there, so an interrupted benchmark resumes (--fresh starts over; --
 reports the rows whose runs are all logged). Writes benchmarks/results/quality_ml100k.md, .json and a .png chart.
 
 3. The two-tower options (OPTION_FAMILIES: DAT, category alignment, contrastive, Example Age, parallel towers,
-   distillation) run on the default preset, youtube_dnn_mixed, the configuration chosen in step 1-2; their runs
+   distillation) run on the baseline preset, youtube_dnn_mixed, the configuration chosen in step 1-2; their runs
    also measure test HR@50 on segments (tail items, recent items, each genre), written to
    benchmarks/results/options_ml100k.md with the 5 genres with the fewest items.
 """
@@ -58,7 +58,7 @@ FAMILIES = [
     ("YouTubeDNN, mixed negatives + logQ", "youtube_dnn", {**MIXED, **LOGQ, "pooling": "recency"},
      {"learning_rate": [0.001, 0.003], "temperature": [0.05, 0.1]}),
 ]
-# The two-tower options (issue 11), each on the configuration chosen on validation above (the default preset,
+# The two-tower options (issue 11), each on the configuration chosen on validation above (the baseline preset,
 # youtube_dnn_mixed), with the papers' default settings or a small grid searched on validation. Their runs also
 # measure segments (tail items, genres, recent items): the baseline row is the preset itself.
 BEST = "youtube_dnn_mixed"
@@ -76,7 +76,7 @@ OPTION_FAMILIES = [
       "parallel_combine": "senet"}, {}),
     ("+ distillation (cross-feature teacher)", BEST, {"distillation_weight": 1.0}, {}),
 ]
-# The sequence and multi-interest user towers (issue 12) on the default preset, learning rate (and SDM's session
+# The sequence and multi-interest user towers (issue 12) on the baseline preset, learning rate (and SDM's session
 # gap, in seconds) chosen on validation; their runs also measure the intra-list genre diversity of the top 50.
 SEQUENCE_FAMILIES = [
     ("Sequence: SASRec (self_attentive)", BEST, {"query_tower": "self_attentive"}, {"learning_rate": [0.001, 0.003]}),
@@ -296,7 +296,7 @@ def write_sequence_report(rows, log, split, out: Path) -> None:
     best = max(rows, key=lambda r: r["summary"]["valid_" + SELECTION][0])
     baseline = f"Baseline `{BEST}` (seed 0): test HR@50 {base['test']['HR@50']:.3f}.\n\n" if base else ""
     text = ("# Sequence and multi-interest user towers on MovieLens 100K\n\n"
-            f"Each tower replaces the query tower of the default preset `{BEST}` (its history of 50, mixed "
+            f"Each tower replaces the query tower of the baseline preset `{BEST}` (its history of 50, mixed "
             "negatives, logQ); K = 4 interests for the multi-interest towers, searched each and merged by best "
             "score. Grids searched on validation with seed 0; test as mean ± sd over seeds 0, 1, 2. Diversity@50: "
             "the share of pairs of the top-50 items (training items excluded) whose first genres differ "
@@ -334,7 +334,7 @@ def write_options_report(options, segments, split, out: Path) -> None:
             for g in small) + " |")
     tail, recent = len(segments["tail"]), len(segments["recent"])
     text = ("# Two-tower options on MovieLens 100K: tail, recent items and small genres\n\n"
-            f"Each option on the default preset `{BEST}` (chosen on validation in quality_ml100k.md); test HR@50 "
+            f"Each option on the baseline preset `{BEST}` (chosen on validation in quality_ml100k.md); test HR@50 "
             "as mean ± sd over seeds 0, 1, 2, each held-out item ranked against the whole corpus (training items "
             f"excluded). Tail = the {TAIL_SHARE:.0%} least frequent items in training ({tail} items); recent = items "
             f"first seen in the last {RECENT_SHARE:.0%} of the training time span ({recent} items). A segment's HR "
