@@ -18,10 +18,15 @@ from tfrec_recall.layers.structure import PathStructure, check_beam_width
 from tfrec_recall.retrievers.base import TopKIndex
 
 
+def _place_values(num_codes: int, num_layers: int) -> np.ndarray:
+    """K^(D-1-d) for d = 0..D-1: the weight of each layer's code in a path's code."""
+    return num_codes ** np.arange(num_layers - 1, -1, -1, dtype=np.int64)
+
+
 def path_codes(paths: np.ndarray, num_codes: int) -> np.ndarray:
     """Each path [..., D] as one int64, sum_d c_d K^(D-1-d) (its rank in the lexicographic order of paths)."""
     paths = np.asarray(paths, np.int64)
-    return paths @ (num_codes ** np.arange(paths.shape[-1] - 1, -1, -1, dtype=np.int64))
+    return paths @ _place_values(num_codes, paths.shape[-1])
 
 
 def _first_of_each_item(rows: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
@@ -83,8 +88,7 @@ class DeepRetrievalIndex(TopKIndex):
         self.sorted_codes = tf.Variable(pairs[:, 0], trainable=False, dtype=tf.int64, name="path_codes")
         self.sorted_rows = tf.Variable(pairs[:, 1].astype(np.int32), trainable=False, name="path_rows")
         self.item_embeddings = tf.Variable(embeddings, trainable=False, name="item_embeddings")
-        self.place_values = tf.constant(self.structure.num_codes ** np.arange(
-            self.structure.num_layers - 1, -1, -1, dtype=np.int64))
+        self.place_values = tf.constant(_place_values(self.structure.num_codes, self.structure.num_layers))
         self._paths = None
 
     def candidates(self, queries: tf.Tensor):
