@@ -99,6 +99,21 @@ class RunConfig:
     # timestamps' unit: seconds for MovieLens); the current session holds at most session_length behaviours
     session_gap: float = 600.0
     session_length: int = 10
+    # Deep Retrieval (Gao et al. 2020): a structure of dr_layers (D) layers of dr_codes (K) codes over the query
+    # vector, dr_paths (J) paths per item learned by EM (an M-step after every dr_epochs_per_round epochs, beam
+    # width dr_mstep_beam_width, path-size penalty dr_alpha), served by beam search of width dr_beam_width and the
+    # two-tower reranker (dr_rerank); a corpus spreading more than dr_max_items_per_path items per path is refused
+    deep_retrieval: bool = False
+    dr_layers: int = 2
+    dr_codes: int = 32
+    dr_paths: int = 3
+    dr_beam_width: int = 20
+    dr_rerank: bool = True
+    dr_structure_weight: float = 1.0
+    dr_epochs_per_round: int = 1
+    dr_mstep_beam_width: int = 10
+    dr_alpha: float = 0.0
+    dr_max_items_per_path: int = 1000
     # Model selection on the validation split: early stopping with best-epoch restore
     selection_metric: str = "HR@50"
     patience: int = 3  # epochs without improvement before stopping; 0 trains all epochs and keeps the last
@@ -188,6 +203,29 @@ class RunConfig:
         need(self.category_feature is None or (isinstance(self.category_feature, str) and self.category_feature),
              "category_feature", self.category_feature, "must be null or an item feature name")
         self._check_sequence_options(need)
+        self._check_deep_retrieval(need)
+
+    def _check_deep_retrieval(self, need) -> None:
+        """Deep Retrieval's keys (issue 13): J <= B <= K^D, and a single-vector query tower."""
+        from tfrec_recall.layers.towers import tower_class
+        for key in ("dr_layers", "dr_paths", "dr_beam_width", "dr_epochs_per_round", "dr_mstep_beam_width",
+                    "dr_max_items_per_path"):
+            need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        need(self.dr_codes >= 2, "dr_codes", self.dr_codes, "must be >= 2")
+        need(self.dr_alpha >= 0, "dr_alpha", self.dr_alpha, "must be >= 0")
+        need(self.dr_structure_weight > 0, "dr_structure_weight", self.dr_structure_weight, "must be > 0")
+        if not self.deep_retrieval:
+            return
+        paths = self.dr_codes ** self.dr_layers
+        for key in ("dr_beam_width", "dr_mstep_beam_width"):
+            need(getattr(self, key) <= paths, key, getattr(self, key),
+                 f"must be <= K^D = dr_codes^dr_layers = {self.dr_codes}^{self.dr_layers} = {paths}, the number "
+                 "of paths")
+        need(self.dr_paths <= self.dr_beam_width, "dr_paths", self.dr_paths,
+             f"J paths per item must be <= the beam width dr_beam_width ({self.dr_beam_width})")
+        need(not tower_class(self.query_tower).multi_interest, "deep_retrieval", self.deep_retrieval,
+             f"the structure model reads one query vector per user; the query tower {self.query_tower} gives "
+             f"{self.num_interests}")
 
     def _check_sequence_options(self, need) -> None:
         """The sequence and multi-interest towers' keys (issue 12)."""

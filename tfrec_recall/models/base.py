@@ -180,12 +180,13 @@ class RetrievalModel(tfrs.Model):
 
     # -- serving: index once, recommend in one call --------------------------------------------------------
     def index_candidates(self, ids, candidates, index: Union[str, TopKIndex] = "brute_force", max_k: int = 100,
-                         batch_size: int = 4096) -> TopKIndex:
+                         batch_size: int = 4096, **index_inputs) -> TopKIndex:
         """Builds the top-k index :meth:`recommend` searches and returns it. ``candidates`` is either raw
         candidate features (a mapping of arrays, embedded by :meth:`embed_candidates` in batches of
         ``batch_size``) or their embeddings ``[len(ids), d]``; ``index`` a registered index name
         (``brute_force``, ``ivf``, ``scann``; made with ``max_k``) or an unbuilt :class:`TopKIndex`. Indexing
-        again replaces the previous index."""
+        again replaces the previous index. ``index_inputs`` go to the index's ``index`` besides the ids and
+        embeddings (e.g. a DeepRetrievalIndex's ``paths``)."""
         require_positive_int("batch_size", batch_size)
         if isinstance(index, str):
             index = index_class(index)(max_k=max_k)
@@ -193,7 +194,7 @@ class RetrievalModel(tfrs.Model):
             raise TypeError(f"index must be an index name or a TopKIndex, got {index!r}")
         if isinstance(candidates, Mapping):
             candidates = self._embed_in_batches(candidates, batch_size)
-        index.index(ids, candidates)
+        index.index(ids, candidates, **index_inputs)
         self._untracked.retriever = MultiQueryRetriever(index) if self.multi_interest else index
         return index
 

@@ -14,19 +14,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tfrec_recall.layers.structure import PathStructure, check_beam_width
+from tfrec_recall.layers.structure import PathStructure, check_beam_width, path_codes, place_values
 from tfrec_recall.retrievers.base import TopKIndex
-
-
-def _place_values(num_codes: int, num_layers: int) -> np.ndarray:
-    """K^(D-1-d) for d = 0..D-1: the weight of each layer's code in a path's code."""
-    return num_codes ** np.arange(num_layers - 1, -1, -1, dtype=np.int64)
-
-
-def path_codes(paths: np.ndarray, num_codes: int) -> np.ndarray:
-    """Each path [..., D] as one int64, sum_d c_d K^(D-1-d) (its rank in the lexicographic order of paths)."""
-    paths = np.asarray(paths, np.int64)
-    return paths @ _place_values(num_codes, paths.shape[-1])
 
 
 def _first_of_each_item(rows: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
@@ -62,7 +51,8 @@ class DeepRetrievalIndex(TopKIndex):
 
     def index(self, ids, embeddings, paths=None) -> "DeepRetrievalIndex":
         """Builds over ``ids`` [n], ``embeddings`` [n, dim] (the reranker's item vectors) and ``paths``
-        [n, J, D] (each item's J paths); J must be <= beam_width."""
+        [n, J, D] (each item's J paths; a path of -1s is an unused slot); J must be <= beam_width. An item
+        with no path is never retrieved: their number is ``unreachable`` (and in :meth:`parameters`)."""
         if paths is None:
             raise ValueError("DeepRetrievalIndex.index needs paths: [num_candidates, J, D] codes of each item")
         self._paths = self._checked_paths(paths, np.asarray(embeddings).shape[0])
@@ -74,21 +64,24 @@ class DeepRetrievalIndex(TopKIndex):
         if paths.ndim != 3 or paths.shape[0] != n or paths.shape[2] != s.num_layers:
             raise ValueError(f"paths must have shape [num_candidates={n}, J, D={s.num_layers}], got "
                              f"{list(paths.shape)}")
-        if paths.dtype.kind not in "iu" or paths.min() < 0 or paths.max() >= s.num_codes:
-            raise ValueError(f"paths must hold integer codes in [0, {s.num_codes}), got dtype {paths.dtype}, "
-                             f"range [{paths.min()}, {paths.max()}]")
+        none = (paths == -1).all(axis=-1)  # an unused slot (an item with fewer than J paths)
+        if paths.dtype.kind not in "iu" or ((paths < 0) | (paths >= s.num_codes)).any(axis=-1)[~none].any():
+            raise ValueError(f"paths must hold integer codes in [0, {s.num_codes}) (or -1 for a whole unused path),"
+                             f" got dtype {paths.dtype}, range [{paths.min()}, {paths.max()}]")
         if paths.shape[1] > self.beam_width:
             raise ValueError(f"J ({paths.shape[1]} paths per item) must be <= beam_width ({self.beam_width})")
         return paths
 
     def _build_index(self, embeddings: np.ndarray) -> None:
         n, j, _ = self._paths.shape
-        pairs = np.unique(np.stack([path_codes(self._paths, self.structure.num_codes).ravel(),
-                                    np.repeat(np.arange(n), j)], axis=1), axis=0)  # (code, row), sorted by code
+        used = (self._paths >= 0).all(axis=-1).ravel()
+        pairs = np.unique(np.stack([path_codes(self._paths, self.structure.num_codes).ravel()[used],
+                                    np.repeat(np.arange(n), j)[used]], axis=1), axis=0)  # (code, row) by code
+        self.unreachable = int(n - len(np.unique(pairs[:, 1])))  # items on no path: never retrieved
         self.sorted_codes = tf.Variable(pairs[:, 0], trainable=False, dtype=tf.int64, name="path_codes")
         self.sorted_rows = tf.Variable(pairs[:, 1].astype(np.int32), trainable=False, name="path_rows")
         self.item_embeddings = tf.Variable(embeddings, trainable=False, name="item_embeddings")
-        self.place_values = tf.constant(_place_values(self.structure.num_codes, self.structure.num_layers))
+        self.place_values = tf.constant(place_values(self.structure.num_codes, self.structure.num_layers))
         self._paths = None
 
     def candidates(self, queries: tf.Tensor):
@@ -125,7 +118,8 @@ class DeepRetrievalIndex(TopKIndex):
     def parameters(self) -> dict:
         s = self.structure
         return {**super().parameters(), "num_layers": s.num_layers, "num_codes": s.num_codes,
-                "beam_width": self.beam_width, "rerank": self.rerank}
+                "beam_width": self.beam_width, "rerank": self.rerank,
+                "unreachable_items": getattr(self, "unreachable", None)}
 
 
 def items_scored(index: DeepRetrievalIndex, queries) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
@@ -82,7 +83,25 @@ def auxiliary_losses(config: RunConfig, split: Split, query_tower, candidate_tow
                                       name="contrastive"))
     if config.distillation_weight > 0:
         losses.append(_distillation(config, split, specs))
+    if config.deep_retrieval:
+        losses.append(_path_structure(config, split))
     return losses
+
+
+def _path_structure(config: RunConfig, split: Split):
+    """Deep Retrieval's structure loss over the corpus; refuses a structure too small to spread the corpus."""
+    from tfrec_recall.layers.structure import PathStructure
+    from tfrec_recall.tasks.path_likelihood import PathStructureLoss
+    items = np.asarray(split.data.items).astype(str)
+    paths = config.dr_codes ** config.dr_layers
+    per_path = len(items) * config.dr_paths / paths
+    if per_path > config.dr_max_items_per_path:
+        raise ConfigError(f"config keys 'dr_codes', 'dr_layers': K^D = {config.dr_codes}^{config.dr_layers} = "
+                          f"{paths} paths cannot spread {len(items)} items x {config.dr_paths} paths each: "
+                          f"{per_path:.0f} items per path > dr_max_items_per_path ({config.dr_max_items_per_path})")
+    structure = PathStructure(num_layers=config.dr_layers, num_codes=config.dr_codes, name="path_structure_model")
+    return PathStructureLoss(structure, items, num_paths=config.dr_paths, seed=config.seed,
+                             weight=config.dr_structure_weight, name="path_structure")
 
 
 def _distillation(config: RunConfig, split: Split, specs) -> AuxiliaryLoss:

@@ -18,6 +18,7 @@ from tfrec_recall.models.base import index_split_corpus
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.build import build_model, make_optimizer, set_seed, training_arrays
 from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
+from tfrec_recall.training.deep_retrieval import MStep, PathEMStep, deep_retrieval_index
 from tfrec_recall.training.resume import ResumeState, fingerprint
 from tfrec_recall.training.tensorboard import item_titles, require_log_dir, tensorboard_callbacks
 
@@ -32,13 +33,40 @@ class TrainResult:
     best_epoch: Optional[int] = None  # 1-based epoch whose weights were kept (None: no model selection)
 
 
+def _retriever(model, config: RunConfig, split: Split):
+    """What evaluation searches: None (exact search over the candidate tower's vectors), or for Deep Retrieval
+    its beam-search index over the corpus with the current paths (also what ``recommend`` then searches)."""
+    if not config.deep_retrieval:
+        return None
+    embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
+    items = np.asarray(split.data.items).astype(str)
+    # max_k = the corpus: evaluation lengthens a list whose tie block (e.g. items sharing the unknown-id vector)
+    # crosses the cut-off until the block closes; a list is only as long as the beam's items
+    return deep_retrieval_index(model, items, embeddings, beam_width=config.dr_beam_width, rerank=config.dr_rerank,
+                                max_k=len(items))
+
+
+def _evaluate(model, config: RunConfig, split: Split, which: str) -> Dict[str, float]:
+    return evaluate(model, split, which, config.ks, retriever=_retriever(model, config, split))
+
+
+def _em_callbacks(model, config: RunConfig, split: Split, arrays) -> list:
+    """Deep Retrieval's M-step after every ``dr_epochs_per_round`` epochs (none for other models)."""
+    if not config.deep_retrieval:
+        return []
+    step = MStep(beam_width=config.dr_mstep_beam_width, alpha=config.dr_alpha, batch_size=config.batch_size)
+    specs = model.candidate_tower.input_specs
+    return [PathEMStep(arrays, step, every=config.dr_epochs_per_round,
+                       item_vectors=lambda: embed(model.candidate_tower, corpus_arrays(split, specs)))]
+
+
 def _selection_callbacks(model, config: RunConfig, split: Split, evaluate_every: int) -> list:
     """Validation metrics every ``evaluate_every`` epochs and, with ``config.patience`` > 0, early stopping
     on ``config.selection_metric`` with the best epoch's weights restored."""
     if not evaluate_every or not len(split.valid):
         return []
     keys = sorted({f"HR@{k}" for k in config.ks} | {f"NDCG@{config.ks[0]}", config.selection_metric})
-    out = [RetrievalEvaluation(lambda: evaluate(model, split, "valid", config.ks), every=evaluate_every, keys=keys)]
+    out = [RetrievalEvaluation(lambda: _evaluate(model, config, split, "valid"), every=evaluate_every, keys=keys)]
     if config.patience:
         out.append(tf.keras.callbacks.EarlyStopping(monitor="val_" + config.selection_metric, mode="max",
                                                     patience=config.patience, restore_best_weights=True))
@@ -95,13 +123,17 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
         initial_epoch = epochs if resume.stopped else resume.initial_epoch
     start = time.perf_counter()
     history = model.fit(dataset, epochs=epochs, verbose=verbose, initial_epoch=initial_epoch,
-                        callbacks=[guard, *selection, *([resume] if resume else []), *callbacks,
+                        callbacks=[guard, *_em_callbacks(model, config, split, arrays), *selection,
+                                   *([resume] if resume else []), *callbacks,
                                    *_logging_callbacks(model, split, log_dir)]).history
     seconds = time.perf_counter() - start
     best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else None
-    valid = evaluate(model, split, "valid", config.ks) if len(split.valid) else {}
-    metrics = evaluate(model, split, "test", config.ks) if len(split.test) else {}
-    index_split_corpus(model, split)  # so that train(...).model.recommend(user_features, k) answers
+    valid = _evaluate(model, config, split, "valid") if len(split.valid) else {}
+    metrics = _evaluate(model, config, split, "test") if len(split.test) else {}
+    if config.deep_retrieval:  # so that train(...).model.recommend(user_features, k) answers
+        _retriever(model, config, split)  # the beam-search index over the corpus with the final paths
+    else:
+        index_split_corpus(model, split)
     history = resume.history if resume is not None else history  # with the epochs before a resumption
     return TrainResult(model, {k: [float(x) for x in v] for k, v in history.items()}, metrics, seconds,
                        valid, best_epoch)

@@ -1,4 +1,5 @@
-"""Learned retrieval structures: Deep Retrieval's path model (``PathStructure``)."""
-from tfrec_recall.layers.structure.path_model import PathStructure, check_beam_width
+"""Learned retrieval structures: Deep Retrieval's path model (``PathStructure``) and path codes."""
+from tfrec_recall.layers.structure.path_model import (PathStructure, check_beam_width, code_paths, path_codes,
+                                                      place_values)
 
-__all__ = ["PathStructure", "check_beam_width"]
+__all__ = ["PathStructure", "check_beam_width", "path_codes", "code_paths", "place_values"]

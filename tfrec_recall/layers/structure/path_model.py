@@ -14,9 +14,27 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from tfrec_recall._validation import require_int, require_positive_int
+
+
+def place_values(num_codes: int, num_layers: int) -> np.ndarray:
+    """K^(D-1-d) for d = 0..D-1: the weight of each layer's code in a path's code."""
+    return num_codes ** np.arange(num_layers - 1, -1, -1, dtype=np.int64)
+
+
+def path_codes(paths, num_codes: int) -> np.ndarray:
+    """Each path [..., D] as one int64, sum_d c_d K^(D-1-d) (its rank in the lexicographic order of paths)."""
+    paths = np.asarray(paths, np.int64)
+    return paths @ place_values(num_codes, paths.shape[-1])
+
+
+def code_paths(codes, num_codes: int, num_layers: int) -> np.ndarray:
+    """The inverse of :func:`path_codes`: int64 codes [...] -> paths [..., D]."""
+    codes = np.asarray(codes, np.int64)
+    return (codes[..., None] // place_values(num_codes, num_layers)) % num_codes
 
 
 def check_beam_width(beam_width, num_codes: int, num_layers: int) -> int:
