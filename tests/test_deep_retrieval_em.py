@@ -247,16 +247,22 @@ def test_configuration_errors_fail_at_config_time_naming_the_values(small_split)
         training.build_model(config, small_split)
 
 
-def test_train_runs_em_and_serves_by_beam_search(small_split):
-    """``train`` with ``deep_retrieval: true``: an M-step after each epoch (logged), evaluation and ``recommend``
-    through the beam-search index."""
+@pytest.fixture(scope="module")
+def dr_run(small_split):
+    """A Deep Retrieval config trained by ``train`` for 2 epochs on the small split (an M-step after each)."""
     from tfrec_recall.config import load_config
-    from tfrec_recall.retrievers.deep_retrieval import DeepRetrievalIndex
     config = load_config("youtube_dnn", overrides={"epochs": 2, "embedding_dim": 8, "output_dim": 8,
                                                    "batch_size": 256, "patience": 0, "deep_retrieval": True,
                                                    "dr_codes": 4, "dr_layers": 2, "dr_beam_width": 4,
                                                    "dr_mstep_beam_width": 4, "dr_paths": 2})
-    result = training.train(config, small_split, evaluate_every=1, verbose=0)
+    return config, training.train(config, small_split, evaluate_every=1, verbose=0)
+
+
+def test_train_runs_em_and_serves_by_beam_search(small_split, dr_run):
+    """``train`` with ``deep_retrieval: true``: an M-step after each epoch (logged), evaluation and ``recommend``
+    through the beam-search index."""
+    from tfrec_recall.retrievers.deep_retrieval import DeepRetrievalIndex
+    _, result = dr_run
     assert len(result.history["path_bound"]) == 2 and result.history["unreachable_items"] == [0.0, 0.0]
     assert np.isfinite(result.history["path_structure"]).all()
     assert isinstance(result.model.retriever, DeepRetrievalIndex)
@@ -264,3 +270,61 @@ def test_train_runs_em_and_serves_by_beam_search(small_split):
     features = training.feature_arrays(small_split.test.head(4), small_split.data, result.model.query_tower.input_specs)
     _, ids = result.model.recommend(features, k=5)
     assert ids.shape == (4, 5)
+
+
+def test_export_local_server_and_grpc_client_answer_as_the_model(small_split, dr_run, tmp_path):
+    """The SavedModel runs the beam search, the inverted index and the reranker in its graph: it answers as
+    ``recommend`` (the history excluded), and so do the local server and the gRPC client."""
+    import json
+    from tests.test_serving import serving_exports
+    from tfrec_recall.export import export_retrieval_model
+    from tfrec_recall.serving.client import GrpcClient
+    _, result = dr_run
+    model, k = result.model, 10
+    table = training.corpus_arrays(small_split, model.candidate_tower.input_specs)
+    path = export_retrieval_model(model, table, index=model.retriever, export_dir_base=tmp_path / "dr", k=k)
+    manifest = json.loads((path / "assets" / "manifest.json").read_text())
+    assert manifest["index"]["type"] == "DeepRetrievalIndex" and manifest["index"]["unreachable_items"] == 0
+    assert (manifest["index"]["num_codes"], manifest["index"]["num_layers"], manifest["index"]["beam_width"]) == (4, 2, 4)
+    features = training.feature_arrays(small_split.test.head(6), small_split.data, model.query_tower.serving_specs)
+    served = tf.saved_model.load(str(path)).signatures["serving_default"](
+        **{name: tf.constant(v) for name, v in features.items()})
+    exclude = [[i for i in row if i] for row in features["history"]]
+    scores, ids = model.recommend(features, k=k, exclude=exclude)
+    np.testing.assert_array_equal(served["item_ids"].numpy(), ids.numpy())
+    np.testing.assert_allclose(served["scores"].numpy(), scores.numpy(), rtol=1e-5)
+    with serving_exports(tmp_path, ["dr"]) as port, GrpcClient(f"127.0.0.1:{port}", "dr") as client:
+        out = client.predict(features)
+    np.testing.assert_array_equal(out["item_ids"], ids.numpy())
+
+
+def test_cli_trains_exports_and_refuses_bad_index_flags(tmp_path, monkeypatch, capsys):
+    """`tfrec-recall train --set deep_retrieval=true` saves the structure and the paths with the run; `export`
+    then serves by beam search by default and answers as the in-memory index; `--index deep_retrieval` on a
+    two-tower run and `--beam-width` beyond K^D or with another index are refused naming the values."""
+    from tests.test_cli import _small_synthetic
+    from tfrec_recall import cli
+    monkeypatch.setattr("tfrec_recall.data.registry.make_synthetic", _small_synthetic)
+    out = tmp_path / "run"
+    common = ["--model", "youtube_dnn", "--quiet", "--history-length", "10", "--epochs", "1",
+              "--set", "embedding_dim=8", "--set", "output_dim=8"]
+    dr = ["--set", "deep_retrieval=true", "--set", "dr_codes=4", "--set", "dr_layers=2", "--set", "dr_beam_width=4",
+          "--set", "dr_mstep_beam_width=4", "--set", "dr_paths=2"]
+    assert cli.main(["train", "--out", str(out), *common, *dr]) == 0
+    run = training.load_run(out)
+    assert run.structure is not None and run.candidate_paths.shape == (len(run.candidate_ids), 2, 2)
+    assert cli.main(["export", "--model-dir", str(out), "--k", "5", "--export-dir-base", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "exported deep_retrieval index (DeepRetrievalIndex)" in printed
+    assert "exported model answers like the in-memory model: True" in printed
+    assert cli.main(["export", "--model-dir", str(out), "--k", "5", "--beam-width", "17",
+                     "--export-dir-base", str(tmp_path / "e")]) == 2
+    assert "--beam-width 17: beam_width (17) must be <= K^D = 4^2 = 16" in capsys.readouterr().err
+    assert cli.main(["export", "--model-dir", str(out), "--k", "5", "--index", "brute_force", "--beam-width", "2",
+                     "--export-dir-base", str(tmp_path / "e")]) == 2
+    assert "--beam-width applies to --index deep_retrieval, got --index brute_force" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    assert cli.main(["train", "--out", str(plain), *common]) == 0
+    assert cli.main(["export", "--model-dir", str(plain), "--k", "5", "--index", "deep_retrieval",
+                     "--export-dir-base", str(tmp_path / "p")]) == 2
+    assert "--index deep_retrieval needs a run trained with deep_retrieval: true" in capsys.readouterr().err

@@ -20,6 +20,8 @@ from tfrec_recall.data.schema import DataError
 
 VERBOSE = "--verbose"
 # Flags of `train` that override a configuration key.
+DEEP_RETRIEVAL = "deep_retrieval"  # the export index of a run trained with deep_retrieval: true (not registered:
+# it needs the run's path structure, not only embeddings)
 TRAIN_FLAGS = {"--epochs": "epochs", "--learning-rate": "learning_rate", "--patience": "patience"}
 
 
@@ -28,10 +30,12 @@ class IndexChoices:
     only when an ``--index`` value is checked or help is printed, so building a parser imports no TensorFlow.
     Give the option a ``metavar`` (argparse lists choices in the usage otherwise)."""
 
-    @staticmethod
-    def names():
+    def __init__(self, extra: tuple = ()):
+        self.extra = tuple(extra)
+
+    def names(self):
         from tfrec_recall.retrievers import index_names  # imports TensorFlow
-        return index_names()
+        return tuple(index_names()) + self.extra
 
     def __contains__(self, value) -> bool:
         return value in self.names()
@@ -90,8 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a trained model with a top-k index for TF Serving")
     export.add_argument("--model-dir", required=True)
-    export.add_argument("--index", choices=IndexChoices(), default="brute_force", metavar="INDEX",
-                        help="registered index type: %(choices)s (default %(default)s)")
+    export.add_argument("--index", choices=IndexChoices(extra=(DEEP_RETRIEVAL,)), default=None, metavar="INDEX",
+                        help="index type: %(choices)s (default: deep_retrieval for a run trained with "
+                             "deep_retrieval: true, brute_force otherwise)")
+    export.add_argument("--beam-width", type=int, default=None,
+                        help="deep_retrieval: paths searched per query (default: the run's dr_beam_width)")
     export.add_argument("--export-dir-base", required=True, help="TF Serving model base path (versions inside)")
     export.add_argument("--k", type=int, default=100)
     export.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -253,9 +260,15 @@ def _export(args) -> int:
     run = training.load_run(args.model_dir)
     if args.k > len(run.candidate_ids):
         raise ConfigError(f"--k ({args.k}) must be <= the number of candidates ({len(run.candidate_ids)})")
-    index = make_index(args.index, args.k, len(run.candidate_ids), storage_dtype=args.storage_dtype,
-                       ivf_lists=args.ivf_lists, ivf_probes=args.ivf_probes, scann_leaves=args.scann_leaves,
-                       scann_leaves_to_search=args.scann_leaves_to_search)
+    args.index = args.index or (DEEP_RETRIEVAL if run.structure is not None else "brute_force")
+    if args.beam_width is not None and args.index != DEEP_RETRIEVAL:
+        raise ConfigError(f"--beam-width applies to --index {DEEP_RETRIEVAL}, got --index {args.index}")
+    if args.index == DEEP_RETRIEVAL:
+        index = _deep_retrieval_index(run, args)
+    else:
+        index = make_index(args.index, args.k, len(run.candidate_ids), storage_dtype=args.storage_dtype,
+                           ivf_lists=args.ivf_lists, ivf_probes=args.ivf_probes, scann_leaves=args.scann_leaves,
+                           scann_leaves_to_search=args.scann_leaves_to_search)
     path = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings), index=index,
                                   export_dir_base=args.export_dir_base, k=args.k)
     print(f"exported {args.index} index ({type(index).__name__}) over {len(run.candidate_ids):,} candidates to {path}")
@@ -279,6 +292,20 @@ def _export(args) -> int:
         if not same:
             return 1
     return 0
+
+
+def _deep_retrieval_index(run, args):
+    """The run's beam-search index over its candidates (a run trained with ``deep_retrieval: true``)."""
+    from tfrec_recall.retrievers.deep_retrieval import DeepRetrievalIndex
+    if run.structure is None:
+        raise ConfigError(f"--index {DEEP_RETRIEVAL} needs a run trained with deep_retrieval: true; "
+                          f"{args.model_dir!r} has no path structure")
+    width = run.config.dr_beam_width if args.beam_width is None else args.beam_width
+    try:
+        index = DeepRetrievalIndex(run.structure, beam_width=width, rerank=run.config.dr_rerank, max_k=args.k)
+        return index.index(run.candidate_ids, run.candidate_embeddings, paths=run.candidate_paths)
+    except ValueError as error:  # a beam width beyond K^D or below J
+        raise ConfigError(f"--beam-width {width}: {error}") from None
 
 
 def _in_memory_answer(query_tower, index, tensors, k: int, history: Optional[str]):

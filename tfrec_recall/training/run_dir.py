@@ -5,7 +5,9 @@ A saved model directory holds:
 * ``config.yaml``: the run configuration and the dataset arguments;
 * ``checkpoint/``: a ``tf.train.Checkpoint`` of the whole model (towers, estimator state, optimizer);
 * ``query_tower/`` and ``candidate_tower/``: Keras SavedModels taking raw features;
-* ``candidates.npz``: the corpus ids and their embeddings (for ``recommend``);
+* ``candidates.npz``: the corpus ids and their embeddings (for ``recommend``), and for Deep Retrieval each
+  item's paths (``paths`` [n, J, D], -1 for an unused slot);
+* ``path_structure/`` (Deep Retrieval only): the structure model's config (``config.json``) and weights;
 * ``metrics.json``, ``history.json`` and ``training.png`` (loss and HR@K per epoch);
 * ``request.json``: raw query features of two validation users (a sample request for smoke tests);
 * ``logs/`` (when training wrote TensorBoard logs): scalars and the item-embedding projector
@@ -68,7 +70,8 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
         model.candidate_tower.save(str(tmp / "candidate_tower"), save_format="tf", include_optimizer=False)
         items = split.data.items
         embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
-        np.savez(tmp / "candidates.npz", ids=items.astype(str), embeddings=embeddings)
+        np.savez(tmp / "candidates.npz", ids=items.astype(str), embeddings=embeddings,
+                 **_save_structure(model, items.astype(str), tmp / STRUCTURE_DIR))
         (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics, "valid": result.valid_metrics,
                                                       "best_epoch": result.best_epoch,
                                                       "train_seconds": result.train_seconds}, indent=2))
@@ -80,6 +83,38 @@ def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, data
     return out
 
 
+STRUCTURE_DIR = "path_structure"
+
+
+def _save_structure(model, ids: np.ndarray, directory: Path) -> Dict[str, np.ndarray]:
+    """Deep Retrieval's structure model (config and weights, in ``directory``) and the items' paths (returned as
+    ``{"paths": [n, J, D]}`` in the order of ``ids``); nothing for other models."""
+    from tfrec_recall.layers.structure import code_paths
+    from tfrec_recall.tasks.path_likelihood import PathStructureLoss
+    losses = [x for x in getattr(model, "auxiliary_losses", []) if isinstance(x, PathStructureLoss)]
+    if not losses:
+        return {}
+    loss, = losses
+    s = loss.structure
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(tf.keras.layers.serialize(s)))
+    tf.train.Checkpoint(structure=s).write(str(directory / "ckpt"))
+    row = {item: r for r, item in enumerate(loss.items)}
+    codes = np.full((len(ids), loss.num_paths), -1, np.int64)
+    known = np.array([i in row for i in ids], bool)
+    codes[known] = loss.path_codes()[[row[i] for i in ids[known]]]
+    return {"paths": np.where(codes[..., None] >= 0, code_paths(np.maximum(codes, 0), s.num_codes, s.num_layers),
+                              -1)}
+
+
+def _load_structure(directory: Path, input_dim: int):
+    """The saved structure model, built for ``input_dim``-d query vectors and its weights restored."""
+    s = tf.keras.layers.deserialize(json.loads((directory / "config.json").read_text()))
+    s(tf.zeros([1, input_dim]), tf.zeros([1, 1, s.num_layers], tf.int32))  # creates every variable
+    tf.train.Checkpoint(structure=s).read(str(directory / "ckpt")).assert_consumed()
+    return s
+
+
 @dataclasses.dataclass
 class LoadedRun:
     config: RunConfig
@@ -88,6 +123,8 @@ class LoadedRun:
     candidate_tower: tf.keras.Model
     candidate_ids: np.ndarray
     candidate_embeddings: np.ndarray
+    structure: Optional[Any] = None  # Deep Retrieval: the PathStructure
+    candidate_paths: Optional[np.ndarray] = None  # Deep Retrieval: [n, J, D] paths of the candidates
 
 
 def load_run_config(model_dir) -> RunConfig:
@@ -109,10 +146,14 @@ def load_run(model_dir) -> LoadedRun:
                                     "`tfrec-recall train`")
     saved = yaml.safe_load((d / "config.yaml").read_text())
     candidates = np.load(d / "candidates.npz", allow_pickle=False)
+    structure = None
+    if (d / STRUCTURE_DIR).is_dir():
+        structure = _load_structure(d / STRUCTURE_DIR, candidates["embeddings"].shape[1])
     return LoadedRun(from_dict(saved["config"]), saved["dataset"],
                      tf.keras.models.load_model(str(d / "query_tower"), compile=False),
                      tf.keras.models.load_model(str(d / "candidate_tower"), compile=False),
-                     candidates["ids"], candidates["embeddings"])
+                     candidates["ids"], candidates["embeddings"], structure,
+                     candidates["paths"] if "paths" in candidates.files else None)
 
 
 def recommend(run: LoadedRun, split: Split, user_ids: Sequence[str], k: int = 10,
