@@ -163,10 +163,10 @@ def evaluate_index(name, index, queries, truth, scored) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--e-steps", type=int, default=1000, help="Adam steps (of 4096) per E-step, about")
-    parser.add_argument("--clicks-per-item", type=int, default=1, help="users who click each item")
-    parser.add_argument("--hidden", type=int, default=128, help="the structure MLPs' hidden units")
+    parser.add_argument("--clicks-per-item", type=int, default=4, help="users who click each item")
+    parser.add_argument("--hidden", type=int, default=32, help="the structure MLPs' hidden units")
     parser.add_argument("--out", default=str(HERE / "results" / "deep_retrieval_scale"))
     args = parser.parse_args(argv)
     from tfrec_recall.retrievers import BruteForce
