@@ -30,6 +30,7 @@ candidate lists (items x ``max_candidates`` numbers), as the paper's algorithm i
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -87,7 +88,7 @@ class ScoreAccumulator:
         self.compact_every = require_positive_int("compact_every", compact_every)
         self.counts = np.zeros(self.num_items, np.int64)
         self._parts: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._pending = 0
+        self._pending = self._compacted = 0  # triples added since the last compaction; distinct keys then
 
     def add(self, item_rows, beam_codes, beam_log_probs) -> None:
         rows = np.asarray(item_rows, np.int64)
@@ -101,9 +102,11 @@ class ScoreAccumulator:
         self._parts.append((np.asarray(items, np.int64), np.asarray(codes, np.int64),
                             np.asarray(values, np.float64)))
         self._pending += len(self._parts[-1][0])
-        if self._pending >= self.compact_every:
+        # Compacting once the new triples reach the compacted ones' number (or compact_every) keeps the total
+        # sorting work O(n log n) and the memory within twice the distinct keys plus compact_every.
+        if self._pending >= max(self.compact_every, self._compacted):
             self._parts = [sum_by_key(*map(np.concatenate, zip(*self._parts)))]
-            self._pending = len(self._parts[0][0])
+            self._compacted, self._pending = len(self._parts[0][0]), 0
 
     def result(self, max_candidates: int = 100) -> PathScores:
         require_positive_int("max_candidates", max_candidates)
@@ -131,12 +134,6 @@ def top_candidates(items, codes, scores, counts, max_candidates: int) -> PathSco
 def penalty(sizes, exponent: float = 4.0) -> np.ndarray:
     """f(|c|) = |c|^exponent / exponent (the paper's f with exponent 4)."""
     return np.power(np.asarray(sizes, np.float64), exponent) / exponent
-
-
-def _gain_increment(sizes, exponent: float) -> np.ndarray:
-    """f(|c| + 1) - f(|c|): the penalty added by putting one more item on a path of ``sizes`` items."""
-    sizes = np.asarray(sizes, np.float64)
-    return penalty(sizes + 1, exponent) - penalty(sizes, exponent)
 
 
 @dataclasses.dataclass
@@ -174,31 +171,35 @@ def assign_paths(scores: PathScores, num_paths: int = 3, alpha: float = 0.0, ite
 
 
 def _update_item(slots, candidates, s, count, sizes, alpha, exponent) -> None:
-    """One pass over the item's J slots, in place (``slots``: its positions, ``sizes``: the global counts)."""
-    log_weight = max(int(count), 1)
+    """One pass over the item's J slots, in place (``slots``: its positions, ``sizes``: the global counts).
+    Plain Python over the item's few candidates: numpy's per-call cost dominates at this size (1M items)."""
+    weight, codes, scores = max(int(count), 1), candidates.tolist(), s.tolist()
     for j in range(len(slots)):
         if slots[j] >= 0:
-            sizes[candidates[slots[j]]] -= 1
-        others = np.delete(slots, j)
-        others = others[others >= 0]
-        gain = log_weight * np.log(np.maximum(s[others].sum() + s, MIN_SCORE))
-        gain = gain - alpha * _gain_increment(sizes[candidates], exponent)
-        gain[others] = -np.inf
-        if not np.isfinite(gain).any():
-            slots[j] = -1
-            continue
-        slots[j] = int(np.argmax(gain))
-        sizes[candidates[slots[j]]] += 1
+            sizes[codes[slots[j]]] -= 1
+        others = [int(slots[i]) for i in range(len(slots)) if i != j and slots[i] >= 0]
+        base = sum(scores[o] for o in others)
+        best, best_gain = -1, -math.inf
+        for p, code in enumerate(codes):
+            if p in others:
+                continue
+            n = float(sizes[code])
+            gain = (weight * math.log(max(base + scores[p], MIN_SCORE))
+                    - alpha * ((n + 1.0) ** exponent - n ** exponent) / exponent)
+            if gain > best_gain:  # the first of equal gains, as argmax
+                best, best_gain = p, gain
+        slots[j] = best
+        if best >= 0:
+            sizes[codes[best]] += 1
 
 
 def _objective(scores: PathScores, slots, sizes, alpha, exponent) -> float:
-    total = 0.0
-    for v in range(scores.num_items):
-        chosen = slots[v][slots[v] >= 0]
-        if len(chosen):
-            s = scores.scores[scores.offsets[v] + chosen].sum()
-            total += max(int(scores.counts[v]), 1) * np.log(max(s, MIN_SCORE))
-    return float(total - alpha * penalty(sizes, exponent).sum())
+    v, j = np.nonzero(slots >= 0)
+    chosen = np.zeros(scores.num_items)
+    np.add.at(chosen, v, scores.scores[scores.offsets[v] + slots[v, j]])
+    has = np.unique(v)
+    weights = np.maximum(scores.counts[has], 1)
+    return float((weights * np.log(np.maximum(chosen[has], MIN_SCORE))).sum() - alpha * penalty(sizes, exponent).sum())
 
 
 def _slot_codes(scores: PathScores, slots) -> np.ndarray:
