@@ -11,7 +11,7 @@ Each round alternates
   without an interaction take their nearest trained item's paths (cosine of the candidate tower's vectors).
 
 The paths start random (the loss's seeded initial assignment). Each round is logged and returned: the E-step's
-mean structure loss, the M-step bound before / after, and the path-size distribution.
+mean structure loss, the M-step bound after each coordinate-descent sweep, and the path sizes.
 """
 from __future__ import annotations
 
