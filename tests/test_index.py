@@ -114,7 +114,8 @@ def test_registry_lists_the_indexes_and_the_command_lines_offer_exactly_them():
         index_class("hnsw")
     from tfrec_recall import cli
     export = [a for a in cli._parser()._actions if a.dest == "command"][0].choices["export"]
-    assert _index_choices(export) == [list(index_names())]
+    # plus Deep Retrieval's index, which a run trained with deep_retrieval: true carries (not built from embeddings)
+    assert _index_choices(export) == [list(index_names()) + [cli.DEEP_RETRIEVAL]]
     assert export.parse_args(["--model-dir", "m", "--export-dir-base", "e", "--index", "ivf"]).index == "ivf"
     from pipelines import cli as pipeline_cli
     root = argparse.ArgumentParser()

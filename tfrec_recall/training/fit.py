@@ -47,7 +47,10 @@ def _retriever(model, config: RunConfig, split: Split):
 
 
 def _evaluate(model, config: RunConfig, split: Split, which: str) -> Dict[str, float]:
-    return evaluate(model, split, which, config.ks, retriever=_retriever(model, config, split))
+    retriever = _retriever(model, config, split)
+    if retriever is None:  # exact search: evaluate's own default
+        return evaluate(model, split, which, config.ks)
+    return evaluate(model, split, which, config.ks, retriever=retriever)
 
 
 def _em_callbacks(model, config: RunConfig, split: Split, arrays) -> list:
