@@ -97,6 +97,16 @@ class PathStructureLoss(AuxiliaryLoss):
         codes = path_codes(self.item_paths.numpy()[1:], self.structure.num_codes)
         return np.where(self.path_mask.numpy()[1:], codes, -1)
 
+    def paths_of(self, ids) -> np.ndarray:
+        """[n, J, D] paths of ``ids`` (any order); -1 for an unused slot, an unknown id or an item without paths."""
+        row_of = {item: r for r, item in enumerate(self.items)}
+        ids = np.asarray(ids).astype(str)
+        codes = np.full((len(ids), self.num_paths), -1, np.int64)
+        known = np.array([i in row_of for i in ids], bool)
+        codes[known] = self.path_codes()[[row_of[i] for i in ids[known]]]
+        s = self.structure
+        return np.where(codes[..., None] >= 0, code_paths(np.maximum(codes, 0), s.num_codes, s.num_layers), -1)
+
     def item_rows(self, ids) -> tf.Tensor:
         """0-based rows of ``ids`` in ``items`` (-1 for an unknown id)."""
         return tf.cast(self._lookup(first_of(tf.convert_to_tensor(ids))), tf.int64) - 1

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfrec_recall._validation import require_finite_nonnegative, require_positive_int
 from tfrec_recall.data.tfdata import make_dataset
-from tfrec_recall.layers.structure import check_beam_width, code_paths, path_codes
+from tfrec_recall.layers.structure import check_beam_width, path_codes
 from tfrec_recall.retrievers.deep_retrieval import DeepRetrievalIndex
 from tfrec_recall.tasks.path_likelihood import PathStructureLoss
 from tfrec_recall.training.path_assignment import (Assignment, PathScores, ScoreAccumulator, assign_paths,
@@ -129,14 +129,9 @@ def deep_retrieval_index(model, ids, candidates, *, beam_width: int = 20, rerank
     what ``model.recommend`` searches. An id the loss does not know, or with no path, is unreachable (counted in
     the index's ``unreachable``, never silently dropped)."""
     loss = structure_loss_of(model)
-    s = loss.structure
-    row_of = {item: r for r, item in enumerate(loss.items)}
     ids = np.asarray(ids).astype(str)
-    codes = np.full((len(ids), loss.num_paths), -1, np.int64)
-    known = np.array([i in row_of for i in ids], bool)
-    codes[known] = loss.path_codes()[[row_of[i] for i in ids[known]]]
-    paths = np.where(codes[..., None] >= 0, code_paths(np.maximum(codes, 0), s.num_codes, s.num_layers), -1)
-    index = DeepRetrievalIndex(s, beam_width=beam_width, rerank=rerank, max_k=max_k)
+    paths = loss.paths_of(ids)
+    index = DeepRetrievalIndex(loss.structure, beam_width=beam_width, rerank=rerank, max_k=max_k)
     return model.index_candidates(ids, candidates, index=index, paths=paths)
 
 

@@ -89,7 +89,6 @@ STRUCTURE_DIR = "path_structure"
 def _save_structure(model, ids: np.ndarray, directory: Path) -> Dict[str, np.ndarray]:
     """Deep Retrieval's structure model (config and weights, in ``directory``) and the items' paths (returned as
     ``{"paths": [n, J, D]}`` in the order of ``ids``); nothing for other models."""
-    from tfrec_recall.layers.structure import code_paths
     from tfrec_recall.tasks.path_likelihood import PathStructureLoss
     losses = [x for x in getattr(model, "auxiliary_losses", []) if isinstance(x, PathStructureLoss)]
     if not losses:
@@ -99,12 +98,7 @@ def _save_structure(model, ids: np.ndarray, directory: Path) -> Dict[str, np.nda
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(tf.keras.layers.serialize(s)))
     tf.train.Checkpoint(structure=s).write(str(directory / "ckpt"))
-    row = {item: r for r, item in enumerate(loss.items)}
-    codes = np.full((len(ids), loss.num_paths), -1, np.int64)
-    known = np.array([i in row for i in ids], bool)
-    codes[known] = loss.path_codes()[[row[i] for i in ids[known]]]
-    return {"paths": np.where(codes[..., None] >= 0, code_paths(np.maximum(codes, 0), s.num_codes, s.num_layers),
-                              -1)}
+    return {"paths": loss.paths_of(ids)}
 
 
 def _load_structure(directory: Path, input_dim: int):
