@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 import warnings
-from pathlib import Path
 from typing import Dict
 
+from tfrec_recall import storage
 from tfrec_recall.cli import IndexChoices
 from tfrec_recall.config import DEFAULT_PRESET
 
@@ -90,7 +89,7 @@ def _config_overrides(args) -> Dict:
     overrides = {}
     if args.config:
         load_config(args.model, args.config)  # validates the file (one-line errors naming the key)
-        overrides.update(yaml.safe_load(Path(args.config).read_text()) or {})
+        overrides.update(yaml.safe_load(storage.read_text(args.config)) or {})
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     return overrides
@@ -101,11 +100,11 @@ def materialise(name: str, pipeline_root: str, data_dir=None) -> str:
     (later runs reuse the file, so ExampleGen's cache holds) and returns that directory."""
     from tfrec_recall.data.protocol import write_interactions_csv
     from tfrec_recall.data.registry import load_dataset
-    target = Path(pipeline_root) / "data" / name
-    if not (target / "interactions.csv").exists():
+    target = storage.join(pipeline_root, "data", name)
+    if not storage.exists(storage.join(target, "interactions.csv")):
         data = load_dataset(name, data_dir)
-        write_interactions_csv(data, target / "interactions.csv")
-    return str(target)
+        write_interactions_csv(data, storage.join(target, "interactions.csv"))
+    return target
 
 
 def _build(args, metadata: bool):
@@ -119,7 +118,7 @@ def _build(args, metadata: bool):
     if data in BUILTIN_DATA:
         data = materialise(data, args.pipeline_root, args.data_dir)
         id_type = id_type or ("int" if args.data == "ml-100k" else "string")
-    elif not (data.startswith("gs://") or os.path.isdir(data)):
+    elif not storage.isdir(data):
         raise FileNotFoundError(f"--data {data!r} is neither a directory nor one of {BUILTIN_DATA}")
     return create_pipeline(
         pipeline_name=args.pipeline_name, pipeline_root=args.pipeline_root, data_root=data,

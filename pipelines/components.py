@@ -4,8 +4,10 @@ The work is done by library functions (``tfrec_recall.training.tfx_trainer``, ``
 ``tfrec_recall.export.pipeline_export`` and ``tfrec_recall.data.protocol``); these wrappers only move artifacts
 and record results in ML Metadata.
 
-* ``ProtocolSplit``: refuses to go on when ExampleValidator found anomalies (the error lists them), then splits
-  the validated interactions by PROTOCOL.md with causal history in a Beam transform -> train / eval / test.
+* ``ProtocolSplit``: refuses to go on when ExampleValidator found anomalies (the error lists them), except
+  columns the schema does not name ("New column" only): those are dropped, named in a warning and in the
+  ``dropped_columns`` property of ``split_examples``. Then splits the validated interactions by PROTOCOL.md
+  with causal history in a Beam transform -> train / eval / test.
 * ``RetrievalEvaluator``: full-corpus HR@K, Recall@K, NDCG@K and coverage of the trained model on the eval and test
   splits, of the most-popular ranker (``tfrec_recall.evaluation.baselines``) on the same rows, and of the latest blessed
   model when the Resolver found one, on the same data. Blesses only when the model's HR@50 beats the most-popular
@@ -18,9 +20,10 @@ and record results in ML Metadata.
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import apache_beam as beam
+from absl import logging
 from tfx import v1 as tfx
 from tfx.dsl.component.experimental.annotations import BeamComponentParameter
 from tfx.components.util import examples_utils
@@ -37,27 +40,69 @@ OutputArtifact = tfx.dsl.components.OutputArtifact
 Parameter = tfx.dsl.components.Parameter
 
 SERVING_SUBDIR = "Format-Serving"  # where TFX's Pusher looks for a Model artifact's SavedModel
+DROPPED_COLUMNS = "dropped_columns"  # ProtocolSplit's split_examples: JSON list of the input columns dropped
 
 
 class AnomaliesFound(RuntimeError):
     """ExampleValidator found the data does not match the schema."""
 
 
-def anomaly_report(anomalies_uri: str) -> List[str]:
-    """One line per anomaly of an ExampleAnomalies artifact: ``split: column: short (description)``."""
+def _schema_diffs(anomalies_uri: str):
+    """``(split name, Anomalies proto)`` for every split of an ExampleAnomalies artifact."""
     from tensorflow_metadata.proto.v0 import anomalies_pb2
-    lines = []
+    out = []
     for path in sorted(tf.io.gfile.glob(os.path.join(anomalies_uri, "Split-*", "SchemaDiff.pb"))):
-        split = os.path.basename(os.path.dirname(path))[len("Split-"):]
         proto = anomalies_pb2.Anomalies()
         with tf.io.gfile.GFile(path, "rb") as f:
             proto.ParseFromString(f.read())
-        for column, info in sorted(proto.anomaly_info.items()):
-            lines.append(f"{split}: column {column!r}: {info.short_description} ({info.description})")
-        if proto.HasField("dataset_anomaly_info"):
-            info = proto.dataset_anomaly_info
-            lines.append(f"{split}: dataset: {info.short_description} ({info.description})")
-    return lines
+        out.append((os.path.basename(os.path.dirname(path))[len("Split-"):], proto))
+    return out
+
+
+def _is_extra_column(column: str, info, schema_columns) -> bool:
+    """True when every reason of this anomaly is SCHEMA_NEW_COLUMN and the schema does not name the column."""
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+    new_column = anomalies_pb2.AnomalyInfo.SCHEMA_NEW_COLUMN
+    return bool(info.reason) and all(r.type == new_column for r in info.reason) and column not in schema_columns
+
+
+def _line(split: str, where: str, info) -> str:
+    return f"{split}: {where}: {info.short_description} ({info.description})"
+
+
+def sort_anomalies(proto, split: str) -> Tuple[List[str], List[str]]:
+    """``(extra columns, problems)`` of one split's Anomalies proto. Extra columns are columns in the data that
+    the schema (the proto's ``baseline``) does not name, whose only anomaly is "New column": the protocol split
+    reads the schema's columns only, so they are dropped. Problems are one line per other anomaly
+    (``split: column 'name': short (description)``), a dataset-level one included; they stop the run. Without
+    a baseline schema no column is known to be extra, so every anomaly is a problem."""
+    schema_columns = {f.name for f in proto.baseline.feature} | {f.name for f in proto.baseline.sparse_feature}
+    extra, problems = [], []
+    for column, info in sorted(proto.anomaly_info.items()):
+        if proto.HasField("baseline") and _is_extra_column(column, info, schema_columns):
+            extra.append(column)
+        else:
+            problems.append(_line(split, f"column {column!r}", info))
+    if proto.HasField("dataset_anomaly_info"):
+        problems.append(_line(split, "dataset", proto.dataset_anomaly_info))
+    return extra, problems
+
+
+def check_anomalies(anomalies_uri: str) -> List[str]:
+    """The extra columns (see :func:`sort_anomalies`) of an ExampleAnomalies artifact, sorted, logged as a
+    warning; raises :class:`AnomaliesFound` listing every other anomaly."""
+    extra, problems = set(), []
+    for split, proto in _schema_diffs(anomalies_uri):
+        columns, lines = sort_anomalies(proto, split)
+        extra.update(columns)
+        problems += lines
+    if problems:
+        raise AnomaliesFound("ExampleValidator found anomalies in the input data; the run stops before "
+                             "training:\n  " + "\n  ".join(problems))
+    if extra:
+        logging.warning("the input data has columns the schema does not name; they are dropped: %s",
+                        ", ".join(sorted(extra)))
+    return sorted(extra)
 
 
 def _split_uris(examples) -> Dict[str, str]:
@@ -70,10 +115,8 @@ def ProtocolSplit(examples: InputArtifact[Examples], anomalies: InputArtifact[Ex
                   split_examples: OutputArtifact[Examples], history_length: Parameter[int] = 50,
                   beam_pipeline: BeamComponentParameter[beam.Pipeline] = None) -> None:
     from pipelines.transforms import LeaveLastOut
-    problems = anomaly_report(anomalies.uri)
-    if problems:
-        raise AnomaliesFound("ExampleValidator found anomalies in the input data; the run stops before "
-                             "training:\n  " + "\n  ".join(problems))
+    dropped = check_anomalies(anomalies.uri)
+    split_examples.set_string_custom_property(DROPPED_COLUMNS, json.dumps(dropped))
     inputs = _split_uris(examples)
     split_examples.split_names = artifact_utils.encode_split_names(list(SPLITS))
     examples_utils.set_payload_format(split_examples, example_gen_pb2.PayloadFormat.FORMAT_TF_EXAMPLE)

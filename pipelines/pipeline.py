@@ -2,7 +2,8 @@
 and (only when blessed) pushed retrieval model.
 
     ExampleGen (CsvExampleGen | ImportExampleGen) -> StatisticsGen -> ImportSchemaGen -> ExampleValidator
-      -> ProtocolSplit (Beam: leave-last-out + causal history; stops on anomalies)
+      -> ProtocolSplit (Beam: leave-last-out + causal history; stops on anomalies, except input columns the
+         schema does not name, which it drops and names in a warning)
       -> Trainer (run_fn = tfrec_recall.training.tfx_trainer.run_fn)
       -> RetrievalEvaluator (blesses a model that beats the most-popular ranker by ``popularity_margin`` HR@50
          and does not fall behind the latest blessed model, which the Resolver finds, by more than ``margin``)
@@ -11,7 +12,9 @@ and (only when blessed) pushed retrieval model.
          serving directory is not copied again)
 
 The schema is fixed (``pipelines/schema``), not inferred: a schema inferred from the same data cannot notice a
-dropped column or a changed type, which is what ExampleValidator is here to catch.
+dropped column or a changed type, which is what ExampleValidator is here to catch. A column the schema does not
+name (e.g. ``rating``) is ExampleValidator's "New column" anomaly; ProtocolSplit tolerates that one only, and
+the protocol split reads the schema's columns only, so the extra column is dropped.
 """
 from __future__ import annotations
 
@@ -48,6 +51,28 @@ def default_schema(id_type: str) -> str:
 def _check(condition: bool, name: str, value, what: str) -> None:
     if not condition:
         raise ValueError(f"{name} {what}, got {value!r}")
+
+
+def data_components(data_root: str, data_format: str, schema_file: str, history_length: int) -> list:
+    """The pipeline's first components, raw input -> validated protocol splits: ExampleGen, StatisticsGen,
+    SchemaGen (ImportSchemaGen of ``schema_file``), ExampleValidator and ProtocolSplit (the last one's
+    ``split_examples`` feed the Trainer and the Evaluator). Arguments as in :func:`create_pipeline`."""
+    _check(data_format in DATA_FORMATS, "data_format", data_format, f"must be one of {DATA_FORMATS}")
+    # One raw split: ProtocolSplit makes train / eval / test by the protocol, not by hash buckets.
+    raw = tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
+        tfx.proto.SplitConfig.Split(name=RAW_SPLIT, hash_buckets=1)]))
+    if data_format == "csv":
+        example_gen = tfx.components.CsvExampleGen(input_base=data_root, output_config=raw)
+    else:
+        example_gen = tfx.components.ImportExampleGen(input_base=data_root, output_config=raw)
+    example_gen = example_gen.with_id("ExampleGen")
+    statistics = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema = tfx.components.ImportSchemaGen(schema_file=schema_file).with_id("SchemaGen")
+    validator = tfx.components.ExampleValidator(statistics=statistics.outputs["statistics"],
+                                                schema=schema.outputs["schema"])
+    split = ProtocolSplit(examples=example_gen.outputs["examples"], anomalies=validator.outputs["anomalies"],
+                          history_length=history_length)
+    return [example_gen, statistics, schema, validator, split]
 
 
 def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, serving_dir: str,
@@ -118,20 +143,8 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     _check(POPULARITY_METRIC in metric_names, "config ks", list(run_config.ks),
            f"must include {POPULARITY_METRIC.split('@')[1]}: the popularity check compares {POPULARITY_METRIC}")
 
-    # One raw split: ProtocolSplit makes train / eval / test by the protocol, not by hash buckets.
-    raw = tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
-        tfx.proto.SplitConfig.Split(name=RAW_SPLIT, hash_buckets=1)]))
-    if data_format == "csv":
-        example_gen = tfx.components.CsvExampleGen(input_base=data_root, output_config=raw)
-    else:
-        example_gen = tfx.components.ImportExampleGen(input_base=data_root, output_config=raw)
-    example_gen = example_gen.with_id("ExampleGen")
-    statistics = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema = tfx.components.ImportSchemaGen(schema_file=schema_file).with_id("SchemaGen")
-    validator = tfx.components.ExampleValidator(statistics=statistics.outputs["statistics"],
-                                                schema=schema.outputs["schema"])
-    split = ProtocolSplit(examples=example_gen.outputs["examples"], anomalies=validator.outputs["anomalies"],
-                          history_length=history_length)
+    data = data_components(data_root, data_format, schema_file, history_length)
+    split = data[-1]
     trainer = tfx.components.Trainer(
         run_fn=RUN_FN, examples=split.outputs["split_examples"],
         train_args=tfx.proto.TrainArgs(num_steps=train_steps or 0),
@@ -155,8 +168,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         infra_blessing=infra_check.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)))
-    components = [example_gen, statistics, schema, validator, split, trainer, resolver, evaluator, exporter,
-                  infra_check, pusher]
+    components = [*data, trainer, resolver, evaluator, exporter, infra_check, pusher]
     metadata = (tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
                 if metadata_path else None)
     return tfx.dsl.Pipeline(pipeline_name=pipeline_name, pipeline_root=pipeline_root, components=components,

@@ -3,14 +3,21 @@ Pipelines V2 / Vertex AI JSON spec, and a read of a local run's executions from 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
-from pathlib import Path
+import posixpath
+import tempfile
 from typing import List, Optional
 
+import tfrec_recall  # noqa: F401  (first: it selects tf-keras before TensorFlow is imported)
+from tfrec_recall import storage
 from tfx import v1 as tfx
 
 METADATA_FILE = "metadata.sqlite"
-DEFAULT_IMAGE = "gcr.io/tfx-oss-public/tfx:1.16.0"
+# The pipeline image pipelines/Dockerfile builds (the TFX 1.16 image + requirements.lock + this package),
+# tagged with the installed package's version. Push it to a registry and pass --image REGISTRY/NAME:TAG
+# (pipelines/README.md).
+DEFAULT_IMAGE = f"tfrec-recall-pipeline:{importlib.metadata.version('tfrec_recall')}"
 
 
 def metadata_path(pipeline_root: str) -> str:
@@ -25,19 +32,27 @@ def run_local(pipeline) -> None:
     tfx.orchestration.LocalDagRunner().run(pipeline)
 
 
-def compile_kubeflow_v2(pipeline, output: str, image: str = DEFAULT_IMAGE) -> Path:
-    """Writes the pipeline's Kubeflow Pipelines V2 (Vertex AI Pipelines) JSON spec to ``output``. ``image``
-    must hold tfrec_recall and this package (e.g. the TFX image with ``pip install tfrec_recall``)."""
+def compile_kubeflow_v2(pipeline, output: str, image: str = DEFAULT_IMAGE) -> str:
+    """Writes the pipeline's Kubeflow Pipelines V2 (Vertex AI Pipelines) JSON spec to ``output``, a local path
+    or a URI (``gs://...``; written through tf.io.gfile). ``image`` must hold tfrec_recall and this package
+    (pipelines/Dockerfile builds ``DEFAULT_IMAGE``). Returns ``output``."""
     # Imported from its module so that a missing kfp raises an ImportError naming it; the
     # tfx.v1.orchestration.experimental alias silently leaves the runner out (STACK.md).
     from tfx.orchestration.kubeflow.v2.kubeflow_v2_dag_runner import KubeflowV2DagRunner, KubeflowV2DagRunnerConfig
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    runner = KubeflowV2DagRunner(
-        config=KubeflowV2DagRunnerConfig(default_image=image),
-        output_dir=str(out.parent), output_filename=out.name)
-    runner.run(pipeline, write_out=True)
-    return out
+    output = os.fspath(output)
+    name = posixpath.basename(output)
+    if not name:
+        raise ValueError(f"output must name a file, got {output!r}")
+    if not image:
+        raise ValueError(f"image must name a container image, got {image!r}")
+    # The runner writes to a local directory only: compile there, then copy to ``output`` (any filesystem).
+    with tempfile.TemporaryDirectory(prefix="tfrec-recall-spec-") as local:
+        runner = KubeflowV2DagRunner(config=KubeflowV2DagRunnerConfig(default_image=image), output_dir=local,
+                                     output_filename=name)
+        runner.run(pipeline, write_out=True)
+        storage.makedirs(storage.parent(output))
+        storage.gfile().copy(os.path.join(local, name), output, overwrite=True)
+    return output
 
 
 @dataclasses.dataclass
@@ -58,8 +73,8 @@ def executions(metadata_file: str, pipeline_name: Optional[str] = None) -> List[
     """Every execution recorded in a local ML Metadata store, oldest first."""
     from ml_metadata.metadata_store import metadata_store
     from ml_metadata.proto import metadata_store_pb2
-    if not Path(metadata_file).is_file():
-        raise FileNotFoundError(f"no ML Metadata store at {metadata_file}")
+    if not storage.isfile(metadata_file):  # SQLite: local files only
+        raise FileNotFoundError(f"metadata_file: no ML Metadata store at {metadata_file!r}")
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = metadata_file
     config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY

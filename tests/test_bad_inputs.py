@@ -134,7 +134,7 @@ def test_temporaries_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
         path.mkdir()
     os.utime(reused, (time.time() - 10 * 365 * 86400,) * 2)
     removed = remove_stale_temporaries(tmp_path, r"\.tmp-\d+-(?P<pid>\d+)")
-    assert sorted(removed) == sorted([gone, reused])
+    assert sorted(removed) == sorted([str(gone), str(reused)])
     assert mine.exists() and other.exists() and not gone.exists() and not reused.exists()
 
 

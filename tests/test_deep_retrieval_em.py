@@ -6,6 +6,7 @@ Gao et al. 2020, "Learning a Retrievable Structure for Large-Scale Recommendatio
 (sec. 3.3), and on data with known item clusters items of one cluster should share paths; the path-size
 penalty flattens the path-size distribution (the paper's path-size table).
 """
+from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -283,7 +284,7 @@ def test_export_local_server_and_grpc_client_answer_as_the_model(small_split, dr
     model, k = result.model, 10
     table = training.corpus_arrays(small_split, model.candidate_tower.input_specs)
     path = export_retrieval_model(model, table, index=model.retriever, export_dir_base=tmp_path / "dr", k=k)
-    manifest = json.loads((path / "assets" / "manifest.json").read_text())
+    manifest = json.loads((Path(path) / "assets" / "manifest.json").read_text())
     assert manifest["index"]["type"] == "DeepRetrievalIndex" and manifest["index"]["unreachable_items"] == 0
     assert (manifest["index"]["num_codes"], manifest["index"]["num_layers"], manifest["index"]["beam_width"]) == (4, 2, 4)
     features = training.feature_arrays(small_split.test.head(6), small_split.data, model.query_tower.serving_specs)

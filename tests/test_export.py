@@ -1,6 +1,7 @@
 """The TF Serving export: same results after reload, stock ops only for brute force and IVF, ScaNN reloaded in
 a fresh process that imports scann, atomic versions, manifest, candidate export. (The indexes themselves are
 tested in tests/test_index.py.)"""
+from pathlib import Path
 import json
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def test_stock_op_exports_reload_with_same_results(tmp_path, exported_model, kin
     model, items, embeddings, features = exported_model
     index = BruteForce(max_k=20) if kind == "brute_force" else IVF(max_k=20, num_lists=16, num_probes=16)
     path = export_retrieval_model(model, (items, embeddings), index=index, export_dir_base=tmp_path / "m", k=20)
-    assert path == tmp_path / "m" / "1"
+    assert path == str(tmp_path / "m" / "1")
     expected_scores, expected_ids = _expected(model, index, features, 20)
     loaded = tf.saved_model.load(str(path))
     assert set(loaded.signatures) == {"serving_default", "serve_with_exclusions", "serve_examples",
@@ -57,7 +58,7 @@ def test_stock_op_exports_reload_with_same_results(tmp_path, exported_model, kin
     ops = saved_model_ops(path)
     assert not any(op.startswith("Scann") for op in ops)
     assert all(op_def_registry.get(op) is not None for op in ops), sorted(o for o in ops if not op_def_registry.get(o))
-    manifest = json.loads((path / "assets" / "manifest.json").read_text())
+    manifest = json.loads((Path(path) / "assets" / "manifest.json").read_text())
     assert manifest["index"]["type"] == ("BruteForce" if kind == "brute_force" else "IVF")
     assert manifest["index"]["format_version"] == INDEX_FORMAT_VERSION
     check_saved_format_version(loaded.retrieval_index)
@@ -69,7 +70,7 @@ def test_stock_op_exports_reload_with_same_results(tmp_path, exported_model, kin
         "dtype": "string", "shape": [None, None]}
     assert manifest["exclusion_input"] == {"signature": "serve_with_exclusions", "input": "exclude_item_ids"}
     # The next export is version 2; an existing version is never overwritten.
-    assert export_retrieval_model(model, (items, embeddings), export_dir_base=tmp_path / "m", k=5).name == "2"
+    assert export_retrieval_model(model, (items, embeddings), export_dir_base=tmp_path / "m", k=5).endswith("/2")
     with pytest.raises(FileExistsError, match="versions are never overwritten"):
         export_retrieval_model(model, (items, embeddings), export_dir_base=tmp_path / "m", k=5, version=1)
 
@@ -155,7 +156,7 @@ def test_scann_export_reloads_in_a_fresh_process(tmp_path, exported_model):
     index = ScaNN(ScaNNConfig().tree(num_leaves=10, num_leaves_to_search=10).reorder(50), max_k=10)
     path = export_retrieval_model(model, (items, embeddings), index=index, export_dir_base=tmp_path / "s", k=10)
     assert any(op.startswith("Scann") for op in saved_model_ops(path))
-    assert json.loads((path / "assets" / "manifest.json").read_text())["requires_custom_ops"] == ["Scann"]
+    assert json.loads((Path(path) / "assets" / "manifest.json").read_text())["requires_custom_ops"] == ["Scann"]
     _, expected_ids = _expected(model, index, features, 10)
     np.savez(tmp_path / "features.npz", **{k: np.asarray(v).astype(str) if v.dtype == object else v
                                            for k, v in features.items()})
@@ -212,18 +213,18 @@ def test_concurrent_exports_to_one_base_are_refused_and_leftovers_removed(tmp_pa
     with exclusive_lock(base, "export"):
         with pytest.raises(RuntimeError, match=r"another export is writing to .*m right now"):
             export_retrieval_model(model, (items, embeddings), export_dir_base=base, k=5)
-    assert export_retrieval_model(model, (items, embeddings), export_dir_base=base, k=5) == base / "1"
+    assert export_retrieval_model(model, (items, embeddings), export_dir_base=base, k=5) == str(base / "1")
     assert sorted(p.name for p in base.iterdir()) == ["1"]
 
 
 def test_candidate_export_round_trip(tmp_path):
     ids, x = clustered_candidates(n=20, d=4)
     out = export_candidates(ids, x, tmp_path / "cands")
-    np.testing.assert_array_equal(np.load(out / "ids.npy"), ids)
-    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), x)
+    np.testing.assert_array_equal(np.load(Path(out) / "ids.npy"), ids)
+    np.testing.assert_array_equal(np.load(Path(out) / "embeddings.npy"), x)
     parsed = [tf.io.parse_single_example(r, {"id": tf.io.FixedLenFeature([], tf.string),
                                              "embedding": tf.io.FixedLenFeature([4], tf.float32)})
-              for r in tf.data.TFRecordDataset(str(out / "candidates.tfrecord"))]
+              for r in tf.data.TFRecordDataset(str(Path(out) / "candidates.tfrecord"))]
     assert [p["id"].numpy().decode() for p in parsed] == ids.tolist()
     np.testing.assert_allclose(np.stack([p["embedding"].numpy() for p in parsed]), x)
     with pytest.raises(FileExistsError):

@@ -2,6 +2,7 @@
 untuned setting does not (recall checked against a NumPy argsort reference), the tuned setting survives
 get_config / from_config and a SavedModel round trip, target_recall=None changes nothing, bad arguments are
 refused, make_index falls back to exact search for small corpora, and the export manifest records the recall."""
+from pathlib import Path
 import json
 import logging
 
@@ -135,11 +136,11 @@ def test_export_manifest_records_the_measured_recall(tmp_path, tiny_model):
     model, items, embeddings = tiny_model
     index = IVF(max_k=20, num_lists=16, num_probes=1, kmeans_iterations=3, tuning_queries=200)
     path = export_retrieval_model(model, (items, embeddings), index=index, export_dir_base=tmp_path / "m", k=20)
-    manifest = json.loads((path / "assets" / MANIFEST).read_text())
+    manifest = json.loads((Path(path) / "assets" / MANIFEST).read_text())
     recall = manifest["index_recall"]
     assert recall["k"] == 20 and recall["target_recall"] == 0.95 and recall["measured_recall"] >= 0.95
     assert recall["setting"] == {"num_probes": index.num_probes} == {"num_probes": manifest["index"]["num_probes"]}
     assert manifest["index"]["type"] == "IVF" and manifest["k"] == 20  # the existing fields stay
     exact = export_retrieval_model(model, (items, embeddings), export_dir_base=tmp_path / "m", k=5)
-    recall = json.loads((exact / "assets" / MANIFEST).read_text())["index_recall"]
+    recall = json.loads((Path(exact) / "assets" / MANIFEST).read_text())["index_recall"]
     assert recall["measured_recall"] == 1.0 and recall["exact"] is True

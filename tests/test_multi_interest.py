@@ -2,6 +2,7 @@
 the label-aware scorer, evaluated by searching each interest and merging, exported with brute-force, IVF and
 ScaNN indexes and answered by the SavedModel, the local gRPC server and the CLI as the in-memory model
 answers; on synthetic users with known 1-4 interests, MIND and ComiRec beat the single-vector tower."""
+from pathlib import Path
 import json
 
 import numpy as np
@@ -193,7 +194,7 @@ def test_export_merge_options_and_their_errors(exported, tmp_path):
     path = export_retrieval_model(entry["model"], entry["table"], index=BruteForce(max_k=K),
                                   export_dir_base=tmp_path / "diverse", k=K, per_query_k=5, diversity=0.5,
                                   item_categories=categories)
-    manifest = json.loads((path / "assets" / "manifest.json").read_text())
+    manifest = json.loads((Path(path) / "assets" / "manifest.json").read_text())
     assert manifest["merge"]["per_query_k"] == 5 and manifest["merge"]["diversity"] == 0.5
     assert manifest["merge"]["num_categories"] == 3
     inputs = {k: tf.constant(v) for k, v in entry["features"].items()}

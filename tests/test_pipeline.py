@@ -243,9 +243,10 @@ def test_create_pipeline_rejects_bad_arguments(tmp_path, change, message):
 
 def test_kubeflow_v2_spec_names_every_component(tmp_path):
     pipeline = _pipeline(tmp_path, metadata_path=None, beam_pipeline_args=["--direct_num_workers=2"])
-    spec = json.loads(compile_kubeflow_v2(pipeline, str(tmp_path / "spec.json")).read_text())
+    spec = json.loads(Path(compile_kubeflow_v2(pipeline, str(tmp_path / "spec.json"))).read_text())
     # Beam arguments reach the Beam-based steps.
-    assert "--direct_num_workers=2" in json.dumps(spec["pipelineSpec"]["deploymentSpec"]["executors"]["ProtocolSplit_executor"])
+    executors = spec["pipelineSpec"]["deploymentSpec"]["executors"]
+    assert "--direct_num_workers=2" in json.dumps(executors["ProtocolSplit_executor"])
     tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
     # The Resolver compiles into one task per resolved channel ("<id>-model-resolver", ...).
     missing = [c for c in COMPONENT_IDS if not any(t == c or t.startswith(c + "-") for t in tasks)]

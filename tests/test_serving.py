@@ -355,7 +355,7 @@ K_BY_VERSION = {1: 10, 2: 5}
 def labelled(tmp_path_factory, tiny_model, small_split):
     root = tmp_path_factory.mktemp("labelled")
     for version, k in sorted(K_BY_VERSION.items()):
-        assert _export(tiny_model, root / "recall", k=k).name == str(version)
+        assert Path(_export(tiny_model, root / "recall", k=k)).name == str(version)
     config = _repo_models_config("recall")  # relative: resolved against the config file's directory
     config_file = _write_config(config, root / "models.config")
     process = subprocess.Popen(
@@ -449,7 +449,7 @@ def test_serve_arguments_and_config_errors(tmp_path, capsys):
         parse_model_config('model_config_list { config { name: "m" base_path: "b" model_platform: "onnx" } }',
                            tmp_path)
     (model,) = parse_model_config('model_config_list { config { name: "m" base_path: "b" } }', tmp_path)
-    assert model.base_path == tmp_path / "b" and model.policy.describe() == "latest 1"
+    assert model.base_path == str(tmp_path / "b") and model.policy.describe() == "latest 1"
 
 
 def test_version_naming_yields_the_versions_models_config_refers_to():

@@ -1,5 +1,6 @@
 """TensorBoard logs of training (training/tensorboard.py): scalars, the projector checkpoint, config and
 metadata (one row per item, with a header), moved into the run directory by save_run."""
+from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
@@ -44,5 +45,6 @@ def test_training_writes_scalars_and_projector_into_the_run(tmp_path, small_spli
     assert tf.io.gfile.glob(f"{log_dir}/validation/events.out.tfevents.*")  # val_ metrics
     rows = (tmp_path / "tb" / "metadata.tsv").read_text().splitlines()
     assert rows[0] == "item_id\ttitle" and len(rows) == 1 + len(small_split.data.items)
-    out = training.save_run(result, small_split, tmp_path / "run", config, {"name": "synthetic"}, log_dir=log_dir)
+    out = Path(training.save_run(result, small_split, tmp_path / "run", config, {"name": "synthetic"},
+                                 log_dir=log_dir))
     assert (out / "logs" / "projector_config.pbtxt").is_file() and not (tmp_path / "tb").exists()

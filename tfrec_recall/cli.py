@@ -6,12 +6,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import warnings
-from pathlib import Path
 from typing import List, Optional
 
+from tfrec_recall import storage
 from tfrec_recall._atomic import exclusive_lock, remove_stale_temporaries
 from tfrec_recall.config import DEFAULT_PRESET, PRESETS, ConfigError, load_config
 from tfrec_recall.data.registry import DATASETS, SPLITS, load_dataset, make_split, parse_column_map, split_from_args
@@ -182,12 +181,12 @@ def _train(args) -> int:
         flags = [flag for flag, key in TRAIN_FLAGS.items()
                  if getattr(args, key) is not None and key not in settings and f"'{key}'" in str(error)]
         raise ConfigError(f"{flags[0]}: {error}" if flags else str(error)) from None
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    out = storage.path_str(args.out).rstrip("/")
+    if storage.exists(out) and not storage.is_empty_dir(out):
         raise ConfigError(f"--out {args.out!r} exists and is not an empty directory")
     # A killed run to the same --out left its temporary siblings (the model being saved, the logs): remove them.
-    remove_stale_temporaries(out.resolve().parent, rf"\.{re.escape(out.name)}\.(tmp|logs)-(?P<pid>\d+)")
-    dataset_args = {"name": args.dataset, "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+    remove_stale_temporaries(storage.parent(out), rf"\.{re.escape(storage.name(out))}\.(tmp|logs)-(?P<pid>\d+)")
+    dataset_args = {"name": args.dataset, "data_dir": _absolute(args.data_dir) if args.data_dir else None,
                     "on_bad_rows": args.on_bad_rows, "column_map": parse_column_map(args.column_map),
                     "split": args.split, "history_length": config.history_length, "seed": config.seed}
     data = load_dataset(args.dataset, dataset_args["data_dir"], on_bad_rows=args.on_bad_rows,
@@ -200,26 +199,31 @@ def _train(args) -> int:
     from tfrec_recall import training  # imports TensorFlow: after the cheap checks
     # The state at every epoch's end, so that a killed run resumes: the same command goes on from there. The
     # TensorBoard logs are kept with it; save_run moves them into the run as <out>/logs.
-    resume_dir = out.with_name(f".{out.name}.resume")
-    resume_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = storage.makedirs(storage.join(storage.parent(out), f".{storage.name(out)}.resume"))
+    log_dir = storage.join(resume_dir, "logs")
     with exclusive_lock(resume_dir, "training run"):
         done = training.latest_state(resume_dir)
         if done is not None:
             print(f"resuming the interrupted run from {done} (delete {resume_dir} to start over)")
-        result = training.train(config, split, verbose=0 if args.quiet else 1, log_dir=str(resume_dir / "logs"),
-                                resume_dir=str(resume_dir))
-        training.save_run(result, split, out, config, dataset_args, log_dir=str(resume_dir / "logs"))
-        shutil.rmtree(resume_dir)  # the run is saved: nothing to resume
+        result = training.train(config, split, verbose=0 if args.quiet else 1, log_dir=log_dir,
+                                resume_dir=resume_dir)
+        training.save_run(result, split, out, config, dataset_args, log_dir=log_dir)
+        storage.rmtree(resume_dir)  # the run is saved: nothing to resume
     _print_metrics(result.metrics, f"test metrics ({args.split}, full corpus, training items excluded):")
     print(f"trained in {result.train_seconds:.1f} s; model, metrics.json, history.json, training.png and "
           f"TensorBoard logs/ in {out}")
     return 0
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (the run records where its data was); a URI as it is."""
+    return os.path.realpath(path) if storage.is_local(path) else storage.path_str(path)
+
+
 def _dataset_args(run_dataset, data_dir: Optional[str]):
     args = dict(run_dataset)
     if data_dir:
-        args["data_dir"] = str(Path(data_dir).resolve())
+        args["data_dir"] = _absolute(data_dir)
     return args
 
 
@@ -231,7 +235,7 @@ def _evaluate(args) -> int:
                                        progress=True)
     _print_metrics(metrics, f"{args.on} metrics of {args.model_dir}:")
     if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2))
+        storage.write_json(args.output, metrics)
     return 0
 
 
@@ -320,7 +324,7 @@ def _in_memory_answer(query_tower, index, tensors, k: int, history: Optional[str
 
 
 def _history_feature(path) -> Optional[str]:
-    manifest = json.loads((Path(path) / "assets" / "manifest.json").read_text())
+    manifest = storage.read_json(storage.join(path, "assets", "manifest.json"))
     return manifest.get("exclude_history_feature")
 
 

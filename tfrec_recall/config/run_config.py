@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
+
+from tfrec_recall import storage
 
 NEGATIVES = ("in_batch", "mixed", "global")
 OPTIMIZERS = ("adam", "adagrad")
@@ -275,11 +276,10 @@ def load_config(model: str = DEFAULT_PRESET, path: Optional[str] = None,
         raise ConfigError(f"--model must be one of {sorted(PRESETS)}, got {model!r}")
     values = dict(PRESETS[model])
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
+        if not storage.isfile(path):
             raise ConfigError(f"--config file not found: {path!r}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(storage.read_text(path)) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"--config {path!r} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(loaded, dict):

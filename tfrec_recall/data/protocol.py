@@ -13,13 +13,13 @@ timestamp ties as PROTOCOL.md asks; without it ties break by item id). Split exa
 """
 from __future__ import annotations
 
-import glob
 import os
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from tfrec_recall import storage
 from tfrec_recall._atomic import atomic_new_file
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, DataError, InteractionData
@@ -101,7 +101,7 @@ def to_example(record: Mapping[str, object]):
 
 def split_files(examples_uri: str, split: str) -> List[str]:
     """The record files of one split of a TFX ``Examples`` artifact (``<uri>/Split-<name>/*``)."""
-    files = sorted(glob.glob(os.path.join(examples_uri, f"Split-{split}", "*")))
+    files = storage.files_matching(storage.join(examples_uri, f"Split-{split}"))
     if not files:
         raise FileNotFoundError(f"no files for split {split!r} under {examples_uri}")
     return files
@@ -149,7 +149,7 @@ def write_interactions_csv(data: InteractionData, path) -> "os.PathLike":
     columns = [USER_ID, ITEM_ID, TIMESTAMP] + ([WEIGHT] if WEIGHT in data.interactions.columns else [])
     frame = data.interactions[columns].assign(**{ROW_NUMBER: np.arange(len(data.interactions), dtype=np.int64)})
     with atomic_new_file(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        storage.write_text(tmp, frame.to_csv(index=False))
     return path
 
 
@@ -160,7 +160,7 @@ def write_interactions_tfrecord(data: InteractionData, path) -> "os.PathLike":
     frame = data.interactions
     weights = frame[WEIGHT].to_numpy() if WEIGHT in frame.columns else None
     with atomic_new_file(path) as tmp:
-        with tf.io.TFRecordWriter(str(tmp), options="GZIP") as writer:
+        with tf.io.TFRecordWriter(tmp, options="GZIP") as writer:
             for row, (user, item, stamp) in enumerate(zip(frame[USER_ID], frame[ITEM_ID], frame[TIMESTAMP])):
                 floats = {WEIGHT: [weights[row]]} if weights is not None else {}
                 writer.write(_example({USER_ID: [user], ITEM_ID: [item]}, {TIMESTAMP: [stamp], ROW_NUMBER: [row]},

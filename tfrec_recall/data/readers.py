@@ -11,12 +11,12 @@ import codecs
 import csv
 import logging
 import math
-from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from tfrec_recall import storage
 from tfrec_recall.data.schema import (FEATURE_KINDS, ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, DataError,
                                       InteractionData)
 
@@ -70,8 +70,8 @@ def read_rows(path, fields: Sequence[Tuple[str, Callable[[str], object]]], *, de
     skipped (always 0 when ``on_bad_rows="error"``).
     """
     _check_options(encoding, on_bad_rows)
-    path = Path(path)
-    if not path.is_file():
+    path = storage.path_str(path)
+    if not storage.isfile(path):
         raise DataError("file not found", path=path)
     select = list(range(len(fields))) if select is None else list(select)
     exact = len(fields) if select == list(range(len(fields))) else None
@@ -86,7 +86,7 @@ def read_rows(path, fields: Sequence[Tuple[str, Callable[[str], object]]], *, de
             return
         raise DataError(message, path=path, line=line, field=field)
 
-    with open(path, "r", encoding=encoding, newline="") as handle:
+    with storage.open_read(path, encoding) as handle:
         if multi_char:
             lines = ((i + 1, line.rstrip("\r\n").split(delimiter)) for i, line in enumerate(handle))
         else:
@@ -135,11 +135,12 @@ def _decade(year: Optional[int]) -> str:
     return "unknown" if year is None else f"{(year // 10) * 10}s"
 
 
-def _check_dir(data_dir, needed: Sequence[str]) -> Path:
-    data_dir = Path(data_dir)
+def _check_dir(data_dir, needed: Sequence[str]) -> str:
+    data_dir = storage.path_str(data_dir)
     for name in needed:
-        if not (data_dir / name).is_file():
-            raise DataError(f"file not found (is {str(data_dir)!r} the right data directory?)", path=data_dir / name)
+        if not storage.isfile(storage.join(data_dir, name)):
+            raise DataError(f"file not found (is {data_dir!r} the right data directory?)",
+                            path=storage.join(data_dir, name))
     return data_dir
 
 
@@ -147,17 +148,17 @@ def read_movielens_100k(data_dir, *, on_bad_rows: str = "error", rating_as_weigh
                         encoding: str = "latin-1") -> InteractionData:
     """MovieLens 100K: u.data, u.user, u.item and u.genre. Every rating counts as an interaction."""
     d = _check_dir(data_dir, ["u.data", "u.user", "u.item", "u.genre"])
-    cols, skipped = read_rows(d / "u.data", [(USER_ID, _str), (ITEM_ID, _str), ("rating", _float),
+    cols, skipped = read_rows(storage.join(d, "u.data"), [(USER_ID, _str), (ITEM_ID, _str), ("rating", _float),
                                              (TIMESTAMP, _int)], delimiter="\t", encoding=encoding,
                               on_bad_rows=on_bad_rows)
-    genres, _ = read_rows(d / "u.genre", [("name", _str), ("index", _int)], delimiter="|", encoding=encoding,
-                          on_bad_rows=on_bad_rows)
+    genres, _ = read_rows(storage.join(d, "u.genre"), [("name", _str), ("index", _int)], delimiter="|",
+                          encoding=encoding, on_bad_rows=on_bad_rows)
     genre_names = [name for name, _ in sorted(zip(genres["name"], genres["index"]), key=lambda t: t[1])]
-    users, s2 = read_rows(d / "u.user", [(USER_ID, _str), ("age", _float), ("gender", _str),
+    users, s2 = read_rows(storage.join(d, "u.user"), [(USER_ID, _str), ("age", _float), ("gender", _str),
                                          ("occupation", _str), ("zip", str)], delimiter="|", encoding=encoding,
                           on_bad_rows=on_bad_rows)
     flag_fields = [(f"g{i}", _int) for i in range(len(genre_names))]
-    items, s3 = read_rows(d / "u.item", [(ITEM_ID, _str), ("title", str), ("release", str)] + flag_fields,
+    items, s3 = read_rows(storage.join(d, "u.item"), [(ITEM_ID, _str), ("title", str), ("release", str)] + flag_fields,
                           delimiter="|", encoding=encoding, on_bad_rows=on_bad_rows,
                           select=[0, 1, 2] + list(range(5, 5 + len(genre_names))))
     user_df = pd.DataFrame({
@@ -182,14 +183,14 @@ def read_movielens_1m(data_dir, *, on_bad_rows: str = "error", rating_as_weight:
                       encoding: str = "latin-1") -> InteractionData:
     """MovieLens 1M: ratings.dat, users.dat and movies.dat (``::``-separated)."""
     d = _check_dir(data_dir, ["ratings.dat", "users.dat", "movies.dat"])
-    cols, skipped = read_rows(d / "ratings.dat", [(USER_ID, _str), (ITEM_ID, _str), ("rating", _float),
+    cols, skipped = read_rows(storage.join(d, "ratings.dat"), [(USER_ID, _str), (ITEM_ID, _str), ("rating", _float),
                                                   (TIMESTAMP, _int)], delimiter="::", encoding=encoding,
                               on_bad_rows=on_bad_rows)
-    users, s2 = read_rows(d / "users.dat", [(USER_ID, _str), ("gender", _str), ("age_group", _str),
+    users, s2 = read_rows(storage.join(d, "users.dat"), [(USER_ID, _str), ("gender", _str), ("age_group", _str),
                                             ("occupation", _str), ("zip", str)], delimiter="::",
                           encoding=encoding, on_bad_rows=on_bad_rows)
-    movies, s3 = read_rows(d / "movies.dat", [(ITEM_ID, _str), ("title", str), ("genres", str)], delimiter="::",
-                           encoding=encoding, on_bad_rows=on_bad_rows)
+    movies, s3 = read_rows(storage.join(d, "movies.dat"), [(ITEM_ID, _str), ("title", str), ("genres", str)],
+                           delimiter="::", encoding=encoding, on_bad_rows=on_bad_rows)
     user_df = pd.DataFrame({USER_ID: users[USER_ID], "gender": users["gender"], "age_group": users["age_group"],
                             "occupation": users["occupation"],
                             "zip_region": [z.strip()[:1] or "other" for z in users["zip"]]}).set_index(USER_ID)
@@ -218,11 +219,11 @@ def read_movielens_latest(data_dir, *, on_bad_rows: str = "error", rating_as_wei
                           encoding: str = "utf-8") -> InteractionData:
     """MovieLens latest / latest-small: ratings.csv and movies.csv (with header rows)."""
     d = _check_dir(data_dir, ["ratings.csv", "movies.csv"])
-    cols, skipped = read_rows(d / "ratings.csv", [(USER_ID, _str), (ITEM_ID, _str), ("rating", _float),
+    cols, skipped = read_rows(storage.join(d, "ratings.csv"), [(USER_ID, _str), (ITEM_ID, _str), ("rating", _float),
                                                   (TIMESTAMP, _int)], header=True, encoding=encoding,
                               on_bad_rows=on_bad_rows)
-    movies, s2 = read_rows(d / "movies.csv", [(ITEM_ID, _str), ("title", str), ("genres", str)], header=True,
-                           encoding=encoding, on_bad_rows=on_bad_rows)
+    movies, s2 = read_rows(storage.join(d, "movies.csv"), [(ITEM_ID, _str), ("title", str), ("genres", str)],
+                           header=True, encoding=encoding, on_bad_rows=on_bad_rows)
     weight = cols["rating"] if rating_as_weight else None
     return InteractionData(_interactions(cols, weight), None, _movies_frame(movies),
                            {"genres": "multi_categorical", "decade": "categorical"}, name="ml-latest",
@@ -321,11 +322,11 @@ def _from_table(df: pd.DataFrame, source: str, column_map: Mapping[str, str],
                            name=source, skipped_rows=int(bad.sum()))
 
 
-def _refuse_nul(path: Path, chunk: int = 1 << 20) -> None:
+def _refuse_nul(path: str, chunk: int = 1 << 20) -> None:
     """A NUL byte in a text file is corruption (pandas' parser would cut the value there): ``DataError`` naming
     its line."""
     line = 1
-    with open(path, "rb") as handle:
+    with storage.open_read(path) as handle:
         while True:
             block = handle.read(chunk)
             if not block:
@@ -344,14 +345,15 @@ def read_csv(path, *, column_map: Optional[Mapping[str, str]] = None, feature_ki
     """A CSV with a header row. ``column_map`` maps schema fields (user_id, item_id, timestamp, weight) to the
     file's column names; feature columns are named with their kinds in ``feature_kinds``."""
     _check_options(encoding, on_bad_rows)
-    path = Path(path)
-    if not path.is_file():
+    path = storage.path_str(path)
+    if not storage.isfile(path):
         raise DataError("file not found", path=path)
     _refuse_nul(path)
     try:
-        df = pd.read_csv(path, sep=delimiter, encoding=encoding, dtype=str, keep_default_na=False,
-                         na_values=[""], on_bad_lines="error" if on_bad_rows == "error" else "skip",
-                         engine="python" if len(delimiter) > 1 else "c")
+        with storage.open_read(path) as handle:
+            df = pd.read_csv(handle, sep=delimiter, encoding=encoding, dtype=str, keep_default_na=False,
+                             na_values=[""], on_bad_lines="error" if on_bad_rows == "error" else "skip",
+                             engine="python" if len(delimiter) > 1 else "c")
     except pd.errors.EmptyDataError:
         raise DataError("the file is empty (a CSV needs a header row and rows)", path=path) from None
     except pd.errors.ParserError as error:
@@ -361,7 +363,7 @@ def read_csv(path, *, column_map: Optional[Mapping[str, str]] = None, feature_ki
                         field="encoding") from None
     if on_bad_rows == "skip":
         # Rows with the wrong field count were dropped by the parser; count them so nothing vanishes unreported.
-        with open(path, encoding=encoding, newline="") as handle:
+        with storage.open_read(path, encoding) as handle:
             rows = sum(1 for row in csv.reader(handle, delimiter=delimiter) if row) - 1
         dropped = rows - len(df)
         if dropped:
@@ -379,14 +381,15 @@ def read_parquet(path, *, column_map: Optional[Mapping[str, str]] = None,
                  item_feature_columns: Sequence[str] = (), on_bad_rows: str = "error",
                  multi_value_separator: str = "|") -> InteractionData:
     """A Parquet file; "line" in errors is the 1-based row number."""
-    path = Path(path)
-    if not path.exists():
+    path = storage.path_str(path)
+    if not storage.isfile(path):
         raise DataError("file not found", path=path)
     import pyarrow.parquet as pq
     # pyarrow directly, not pd.read_parquet: after pandas' read of a file that is not Parquet fails, the process
     # aborts at exit ("terminate called without an active exception", pandas 2 / pyarrow 10 here).
     try:
-        df = pq.read_table(str(path)).to_pandas()
+        with storage.open_read(path) as handle:
+            df = pq.read_table(handle).to_pandas()
     except (OSError, ValueError) as error:  # pyarrow's errors (ArrowInvalid is a ValueError) lack the file name
         raise DataError(f"cannot read as Parquet: {error}", path=path) from None
     return _from_table(df, str(path), column_map or {}, feature_kinds or {}, user_feature_columns,

@@ -1,7 +1,6 @@
 """Named datasets for the CLI and benchmarks: ``load_dataset(name, ...)`` and ``make_split(...)``."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from tfrec_recall.data import readers
@@ -41,7 +40,7 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, on_bad_rows: str 
         return readers.read_movielens_1m(data_dir, on_bad_rows=on_bad_rows)
     if name == "ml-latest":
         return readers.read_movielens_latest(data_dir, on_bad_rows=on_bad_rows)
-    reader = readers.read_parquet if Path(data_dir).suffix == ".parquet" else readers.read_csv
+    reader = readers.read_parquet if str(data_dir).endswith(".parquet") else readers.read_csv
     return reader(data_dir, column_map=column_map or {}, on_bad_rows=on_bad_rows)
 
 

@@ -7,14 +7,13 @@ the same dictionary structure, so the TFX pipeline can reuse them.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Dict, Mapping
 
 import numpy as np
 import tensorflow as tf
 
+from tfrec_recall import storage
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall._validation import require_int
 
@@ -76,15 +75,15 @@ def write_tfrecords(arrays: Mapping[str, np.ndarray], path, *, num_shards: int =
     no half-written output. Returns the layout."""
     n = _check_columns(arrays)
     require_int("num_shards", num_shards)
-    path = Path(path)
-    if path.exists():
+    path = storage.path_str(path).rstrip("/")
+    if storage.exists(path):
         raise FileExistsError(f"{path} exists; refusing to overwrite TFRecords")
     layout = _feature_layout(arrays)
-    with atomic_directory(path, path.with_name(path.name + ".tmp-" + str(os.getpid()))) as tmp:
+    with atomic_directory(path, last=(SPEC_FILE,)) as tmp:
         columns = {name: np.asarray(a) for name, a in arrays.items()}
         bounds = np.linspace(0, n, num_shards + 1).astype(int)
         for shard in range(num_shards):
-            with tf.io.TFRecordWriter(str(tmp / f"part-{shard:05d}.tfrecord")) as writer:
+            with tf.io.TFRecordWriter(storage.join(tmp, f"part-{shard:05d}.tfrecord")) as writer:
                 for row in range(bounds[shard], bounds[shard + 1]):
                     feature = {}
                     for name, a in columns.items():
@@ -98,7 +97,7 @@ def write_tfrecords(arrays: Mapping[str, np.ndarray], path, *, num_shards: int =
                         else:
                             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=value.tolist()))
                     writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-        (tmp / SPEC_FILE).write_text(json.dumps(layout, indent=2))
+        storage.write_json(storage.join(tmp, SPEC_FILE), layout)
     return layout
 
 
@@ -109,12 +108,11 @@ def parse_spec(layout: Mapping[str, dict]) -> Dict[str, tf.io.FixedLenFeature]:
 
 def read_tfrecords(path, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
     """Reads a directory written by :func:`write_tfrecords` back into batched feature dictionaries."""
-    path = Path(path)
-    spec_file = path / SPEC_FILE
-    if not spec_file.is_file():
+    spec_file = storage.join(path, SPEC_FILE)
+    if not storage.exists(spec_file):
         raise FileNotFoundError(f"{spec_file} not found: {path} was not written by write_tfrecords")
-    spec = parse_spec(json.loads(spec_file.read_text()))
-    files = sorted(str(p) for p in path.glob("part-*.tfrecord"))
+    spec = parse_spec(storage.read_json(spec_file))
+    files = storage.files_matching(path, "part-", ".tfrecord")
     ds = tf.data.TFRecordDataset(files)
     if shuffle:
         ds = ds.shuffle(10_000, seed=seed)

@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Dict
 
-def export_for_serving(model_dir: str, out_dir, *, index: str = "brute_force", k: int = 100) -> Path:
+from tfrec_recall import storage
+
+def export_for_serving(model_dir: str, out_dir, *, index: str = "brute_force", k: int = 100) -> str:
     """Exports the run in ``model_dir`` with an index over its candidate corpus into ``out_dir`` (a
     SavedModel directory, written atomically) plus ``out_dir/assets/request.json``, the run's sample request,
     for the infra check."""
     from tfrec_recall.export import export_retrieval_model
     from tfrec_recall.training import REQUEST_FILE, load_run
     run = load_run(model_dir)
-    out = Path(out_dir)
-    if out.exists():
+    out = storage.path_str(out_dir).rstrip("/")
+    if storage.exists(out):
         raise FileExistsError(f"{out} exists; refusing to overwrite an export")
-    staging = out.parent / f".staging-{out.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = storage.join(storage.parent(out), f".staging-{storage.name(out)}-{os.getpid()}")
+    storage.rmtree(staging)
     try:
         version = export_retrieval_model(run.query_tower, (run.candidate_ids, run.candidate_embeddings),
                                          index=index, export_dir_base=staging, k=k, version=1)
-        shutil.copyfile(Path(model_dir) / REQUEST_FILE, version / "assets" / REQUEST_FILE)
-        version.rename(out)
+        storage.gfile().copy(storage.join(model_dir, REQUEST_FILE), storage.join(version, "assets", REQUEST_FILE))
+        storage.move_directory(version, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.rmtree(staging)
     return out
 
 
@@ -38,10 +38,10 @@ import numpy as np
 import tfrec_recall
 import tensorflow as tf
 path = sys.argv[1]
-manifest = json.load(open(path + "/assets/manifest.json"))
+manifest = json.loads(tf.io.gfile.GFile(path + "/assets/manifest.json").read())
 if manifest.get("requires_custom_ops"):
     import scann  # noqa: F401  (registers the ScaNN ops)
-request = json.load(open(path + "/assets/request.json"))
+request = json.loads(tf.io.gfile.GFile(path + "/assets/request.json").read())
 loaded = tf.saved_model.load(path)
 fn = loaded.signatures["serving_default"]
 inputs = {name: tf.constant(np.asarray(value, dtype=np.float32 if spec.dtype == tf.float32 else object),

@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 import tfrec_recall
+from tfrec_recall import storage
 from tfrec_recall._atomic import atomic_directory, exclusive_lock, remove_stale_temporaries
 from tfrec_recall.features.specs import HISTORY, SequenceFeature
 from tfrec_recall.retrievers import IVF, BruteForce, ScaNN, TopKIndex, index_class, index_names
@@ -154,10 +153,10 @@ def candidate_checksum(ids: np.ndarray, embeddings: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _next_version(base: Path) -> int:
+def _next_version(base: str) -> int:
     """Sequential version naming shared with the Pusher (``tfrec_recall.serving.versions``)."""
     from tfrec_recall.serving.versions import next_version
-    return next_version(tf.io.gfile.listdir(str(base))) if tf.io.gfile.isdir(str(base)) else 1
+    return next_version(storage.listdir(base))
 
 
 def make_index(kind: str, k: int, num_candidates: int, *, storage_dtype: str = "float32",
@@ -228,7 +227,7 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
                            index: Union[str, TopKIndex] = "brute_force", export_dir_base, k: int = 100,
                            version: Optional[int] = None, exclude_history: bool = True,
                            per_query_k: Optional[int] = None, diversity: float = 0.0,
-                           item_categories: Optional[Mapping[str, str]] = None) -> Path:
+                           item_categories: Optional[Mapping[str, str]] = None) -> str:
     """Exports ``model`` (a ``TwoTower`` or a query tower) with an index over ``candidates``: (ids,
     embeddings), or an item table (item feature arrays with ``item_id``, embedded by the model's candidate
     tower; the training data is not needed). An index instance that was not built yet is built over the
@@ -257,8 +256,7 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
         index.index(ids, embeddings)
     elif index.num_candidates != len(ids):
         raise ValueError(f"the index holds {index.num_candidates} candidates but {len(ids)} were given")
-    base = Path(export_dir_base)
-    base.mkdir(parents=True, exist_ok=True)
+    base = storage.makedirs(export_dir_base)
     merge = _merge(query_tower, index, ids, per_query_k, diversity, item_categories)
     module = RetrievalModule(query_tower, index, k, exclude_history, merge)
     with exclusive_lock(base, "export"):  # one writer picks a version at a time
@@ -269,22 +267,22 @@ def export_retrieval_model(model, candidates: Union[Tuple[Sequence[str], np.ndar
 STALE_EXPORT = r"\.tmp-\d+-(?P<pid>\d+)"  # the temporary directory of an export (version, process)
 
 
-def _save(module, model, index, ids, embeddings, base: Path, version: Optional[int]) -> Path:
-    """Writes the SavedModel and its manifest as version ``version`` (None: the next) of ``base``, atomically."""
+def _save(module, model, index, ids, embeddings, base: str, version: Optional[int]) -> str:
+    """Writes the SavedModel and its manifest as version ``version`` (None: the next) of ``base``, atomically
+    (on an object store ``saved_model.pb`` is written last, which TF Serving waits for)."""
     version = _next_version(base) if version is None else version
     require_positive_int("version", version)
-    final = base / str(version)
-    if final.exists():
+    final = storage.join(base, str(version))
+    if storage.exists(final):
         raise FileExistsError(f"{final} exists; versions are never overwritten")
-    with atomic_directory(final, base / f".tmp-{version}-{os.getpid()}") as tmp:
+    with atomic_directory(final, storage.join(base, f".tmp-{version}-{os.getpid()}")) as tmp:
         options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"] if isinstance(index, ScaNN) else None)
-        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_DEFAULT: module.serve,
-                                                          SIGNATURE_EXCLUSIONS: module.serve_with_exclusions,
-                                                          SIGNATURE_EXAMPLES: module.serve_examples,
-                                                          SIGNATURE_EMBEDDING: module.embed}, options=options)
-        tf.io.gfile.makedirs(str(tmp / "assets"))
-        with tf.io.gfile.GFile(str(tmp / "assets" / MANIFEST), "w") as f:
-            f.write(json.dumps(_manifest(model, module, ids, embeddings), indent=2))
+        tf.saved_model.save(module, tmp, signatures={SIGNATURE_DEFAULT: module.serve,
+                                                     SIGNATURE_EXCLUSIONS: module.serve_with_exclusions,
+                                                     SIGNATURE_EXAMPLES: module.serve_examples,
+                                                     SIGNATURE_EMBEDDING: module.embed}, options=options)
+        storage.makedirs(storage.join(tmp, "assets"))
+        storage.write_json(storage.join(tmp, "assets", MANIFEST), _manifest(model, module, ids, embeddings))
     return final
 
 
@@ -353,7 +351,7 @@ def _manifest(model, module: RetrievalModule, ids: np.ndarray, embeddings: np.nd
     }
 
 
-def export_candidates(ids: Sequence[str], embeddings: np.ndarray, out_dir) -> Path:
+def export_candidates(ids: Sequence[str], embeddings: np.ndarray, out_dir) -> str:
     """Candidate ids and embeddings for external ANN systems: ``ids.npy`` (unicode array), ``embeddings.npy``
     (float32 [n, d]) and ``candidates.tfrecord`` (tf.Example with ``id`` bytes and ``embedding`` floats).
     Written to a temporary directory and renamed."""
@@ -361,13 +359,14 @@ def export_candidates(ids: Sequence[str], embeddings: np.ndarray, out_dir) -> Pa
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(ids) != len(embeddings):
         raise ValueError(f"need one id per embedding row, got {len(ids)} ids and embeddings {embeddings.shape}")
-    out = Path(out_dir)
-    if out.exists():
+    out = storage.path_str(out_dir)
+    if storage.exists(out):
         raise FileExistsError(f"{out} exists; refusing to overwrite")
     with atomic_directory(out) as tmp:
-        np.save(tmp / "ids.npy", ids)
-        np.save(tmp / "embeddings.npy", embeddings)
-        with tf.io.TFRecordWriter(str(tmp / "candidates.tfrecord")) as writer:
+        for name, array in (("ids.npy", ids), ("embeddings.npy", embeddings)):
+            with storage.gfile().GFile(storage.join(tmp, name), "wb") as f:
+                np.save(f, array)
+        with tf.io.TFRecordWriter(storage.join(tmp, "candidates.tfrecord")) as writer:
             for item, vector in zip(ids, embeddings):
                 writer.write(tf.train.Example(features=tf.train.Features(feature={
                     "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[item.encode("utf-8")])),
@@ -380,7 +379,7 @@ def saved_model_ops(export_dir) -> set:
     """Names of all ops in a SavedModel's graphs (including its function library)."""
     from tensorflow.core.protobuf import saved_model_pb2
     proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(export_dir) / "saved_model.pb").read_bytes())
+    proto.ParseFromString(storage.read_bytes(storage.join(export_dir, "saved_model.pb")))
     ops = set()
     for meta in proto.meta_graphs:
         ops.update(node.op for node in meta.graph_def.node)

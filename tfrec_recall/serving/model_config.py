@@ -8,12 +8,14 @@ against the config file's directory (TF Serving takes it relative to its working
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
+
+from tfrec_recall import storage
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class VersionPolicy:
 class ServedModel:
     """One ``config`` entry of ``model_config_list``."""
     name: str
-    base_path: Path
+    base_path: str
     policy: VersionPolicy = VersionPolicy()
     labels: Dict[str, int] = field(default_factory=dict)
 
@@ -72,7 +74,7 @@ def _labels(config, policy: VersionPolicy, where: str) -> Dict[str, int]:
     return labels
 
 
-def _served_model(config, directory: Path, index: int) -> ServedModel:
+def _served_model(config, directory: str, index: int) -> ServedModel:
     where = f"model_config_list.config[{index}]"
     if not config.name:
         raise ValueError(f"{where}.name is empty")
@@ -83,13 +85,14 @@ def _served_model(config, directory: Path, index: int) -> ServedModel:
         raise ValueError(f"{where}.model_platform: {config.model_platform!r} is not served here; use 'tensorflow'")
     if config.HasField("logging_config"):
         raise ValueError(f"{where}.logging_config: request logging is not supported by tfrec-recall serve")
-    base_path = Path(config.base_path)
+    base_path = config.base_path
+    relative = storage.is_local(base_path) and not os.path.isabs(base_path)
     policy = _policy(config, where)
-    return ServedModel(config.name, base_path if base_path.is_absolute() else directory / base_path, policy,
+    return ServedModel(config.name, storage.join(directory, base_path) if relative else base_path, policy,
                        _labels(config, policy, where))
 
 
-def parse_model_config(text: str, directory: Path, source: str = "model config") -> List[ServedModel]:
+def parse_model_config(text: str, directory: str, source: str = "model config") -> List[ServedModel]:
     """The models of a ``ModelServerConfig`` text proto; relative base paths are taken from ``directory``."""
     config = model_server_config_pb2.ModelServerConfig()
     try:
@@ -110,7 +113,8 @@ def parse_model_config(text: str, directory: Path, source: str = "model config")
 
 def load_model_config(path) -> List[ServedModel]:
     """The models of the ``--model-config-file`` at ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--model-config-file {str(path)!r} is not a file")
-    return parse_model_config(path.read_text(), path.resolve().parent, source=str(path))
+    path = storage.path_str(path)
+    if not storage.isfile(path):
+        raise FileNotFoundError(f"--model-config-file {path!r} is not a file")
+    return parse_model_config(storage.read_text(path), storage.parent(os.path.realpath(path) if storage.is_local(path)
+                                                                      else path), source=path)

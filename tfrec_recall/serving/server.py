@@ -42,7 +42,6 @@ import logging
 import re
 import threading
 from concurrent import futures
-from pathlib import Path
 from typing import Dict, Optional
 
 import grpc
@@ -52,6 +51,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc, predict_pb2)
 from tensorflow_serving.apis import status_pb2
 
+from tfrec_recall import storage
 from tfrec_recall.serving.model_config import VersionPolicy, load_model_config
 from tfrec_recall.serving.versions import is_out_of_range, version_of
 
@@ -66,17 +66,17 @@ except ImportError:  # the server still serves brute-force and IVF exports
 
 
 class LoadedVersion:
-    def __init__(self, version: int, path: Path):
+    def __init__(self, version: int, path: str):
         self.version = version
         self.path = path
-        self.model = tf.saved_model.load(str(path))
+        self.model = tf.saved_model.load(path)
         self.signatures = dict(self.model.signatures)
         self.input_specs = {name: fn.structured_input_signature[1] for name, fn in self.signatures.items()}
         self.output_names = {name: sorted(fn.structured_outputs) for name, fn in self.signatures.items()}
         # SignatureDefs for GetModelMetadata, parsed once at load.
         from tensorflow.core.protobuf import saved_model_pb2
         proto = saved_model_pb2.SavedModel()
-        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        proto.ParseFromString(storage.read_bytes(storage.join(path, "saved_model.pb")))
         self.signature_map = get_model_metadata_pb2.SignatureDefMap()
         for name, signature in proto.meta_graphs[0].signature_def.items():
             if name != "__saved_model_init_op":
@@ -99,9 +99,9 @@ class ModelRepository:
     def __init__(self, name: str, base_path, poll_seconds: float = 2.0, policy: VersionPolicy = VersionPolicy(),
                  labels: Optional[Dict[str, int]] = None, source: str = "--model-dir"):
         self.name = name
-        self.base_path = Path(base_path)
-        if not self.base_path.is_dir():
-            raise FileNotFoundError(f"{source} {str(self.base_path)!r} is not a directory")
+        self.base_path = storage.path_str(base_path)
+        if not storage.isdir(self.base_path):
+            raise FileNotFoundError(f"{source} {self.base_path!r} is not a directory")
         if not poll_seconds > 0:
             raise ValueError(f"--poll-seconds must be > 0, got {poll_seconds!r}")
         self.poll_seconds, self.policy, self.labels = poll_seconds, policy, dict(labels or {})
@@ -139,23 +139,24 @@ class ModelRepository:
     def versions_on_disk(self):
         """Versions with a saved_model.pb; a digit name too large for int64 is skipped with a warning."""
         versions = []
-        for path in self.base_path.iterdir():
-            if not (path.is_dir() and (path / "saved_model.pb").exists()):
+        for name in storage.listdir(self.base_path):
+            path = storage.join(self.base_path, name)
+            if not (storage.isdir(path) and storage.exists(storage.join(path, "saved_model.pb"))):
                 continue
-            if is_out_of_range(path.name) and path.name not in self._skipped:
-                self._skipped.add(path.name)
+            if is_out_of_range(name) and name not in self._skipped:
+                self._skipped.add(name)
                 logger.warning("model %s: skipping version directory %s: not a valid int64 version",
                                self.name, path)
-            version = version_of(path.name)
+            version = version_of(name)
             if version is not None:
                 versions.append(version)
         return sorted(versions)
 
     def _fingerprint(self, version: int) -> tuple:
         """(path, size, mtime) of every file of a version directory: it changes while the version is copied."""
-        root = self.base_path / str(version)
-        return tuple(sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
-                            for p in root.rglob("*") if p.is_file()))
+        root = storage.join(self.base_path, str(version))
+        stats = ((f, storage.gfile().stat(storage.join(root, f))) for f in storage.walk_files(root))
+        return tuple((f, stat.length, stat.mtime_nsec) for f, stat in stats)
 
     def loaded_versions(self):
         with self._lock:
@@ -188,7 +189,7 @@ class ModelRepository:
         """Loads one version; a failure is recorded (state END with the error), logged and not raised."""
         try:
             self._set_status(version, "LOADING")
-            loaded = LoadedVersion(version, self.base_path / str(version))
+            loaded = LoadedVersion(version, storage.join(self.base_path, str(version)))
         except Exception as error:  # a broken version must not take the server down
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             # Failing again in another form: most likely still being copied; said once, then only at INFO.
@@ -209,7 +210,7 @@ class ModelRepository:
         """Loads the versions the policy wants and unloads the ones it no longer wants (or that were deleted).
         For ``latest`` N these are the N newest loadable versions, so a version that fails to load leaves the
         older one serving. A missing base path changes nothing (logged once)."""
-        if not self.base_path.is_dir():
+        if not storage.isdir(self.base_path):
             if not self._base_missing:
                 logger.error("model %s: base path %s is missing; still serving versions %s",
                              self.name, self.base_path, self.loaded_versions())

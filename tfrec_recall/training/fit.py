@@ -2,6 +2,7 @@
 against non-finite losses, and the training-curve plot."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -9,6 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfrec_recall import storage
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import RunConfig
 from tfrec_recall.data.split import Split
@@ -19,6 +21,7 @@ from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.build import build_model, make_optimizer, set_seed, training_arrays
 from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
 from tfrec_recall.training.deep_retrieval import MStep, PathEMStep, deep_retrieval_index
+from tfrec_recall.training.multi_worker import require_strategy, worker_dir
 from tfrec_recall.training.resume import ResumeState, fingerprint
 from tfrec_recall.training.tensorboard import item_titles, require_log_dir, tensorboard_callbacks
 
@@ -88,48 +91,58 @@ def _logging_callbacks(model, split: Split, log_dir: Optional[str]) -> list:
     return tensorboard_callbacks(log_dir, embed_items, item_titles(split.data, items))
 
 
-def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
-          callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
-          log_dir: Optional[str] = None, resume_dir: Optional[str] = None) -> TrainResult:
-    """Builds and fits a model on ``split.train`` (the validation and test items are never trained on).
+def _scope(strategy):
+    """The strategy's scope; no scope without one (the single-process path)."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
-    Every ``evaluate_every`` epochs (0: never) the model is evaluated on the validation split; with
-    ``config.patience`` > 0 training stops after that many epochs without improvement of
-    ``config.selection_metric`` and the best epoch's weights are restored (``best_epoch``). A NaN or infinite
-    loss raises :class:`~tfrec_recall.training.callbacks.NonFiniteLossError`. Returns validation and test metrics of
-    the returned model. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains exactly that many
-    batches as one epoch instead of ``config.epochs`` passes. With ``log_dir``, TensorBoard logs go there: epoch
-    scalars (loss, validation metrics) and, after training, the returned model's item embeddings for the
-    projector (:mod:`tfrec_recall.training.tensorboard`). With ``resume_dir``, the run's state is written there
-    at the end of every epoch and a state already there is resumed from (:mod:`tfrec_recall.training.resume`)."""
-    if max_steps is not None:
-        require_positive_int("max_steps", max_steps)
-        if resume_dir is not None:
-            raise ValueError("resume_dir works by epochs; it cannot be combined with max_steps")
-    log_dir = require_log_dir(log_dir)
-    set_seed(config.seed)
-    model = build_model(config, split)
-    model.compile(optimizer=make_optimizer(config))
-    arrays = training_arrays(model, split)
-    dataset = make_dataset(arrays, config.batch_size, shuffle=True, seed=config.seed, repeat=max_steps is not None)
-    epochs = config.epochs
-    if max_steps is not None:
-        dataset, epochs = dataset.take(max_steps), 1
-    guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
-    selection = _selection_callbacks(model, config, split, evaluate_every)
-    stopper = next((c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)), None)
-    resume = None if resume_dir is None else ResumeState(resume_dir, fingerprint(config, split), stopper)
-    initial_epoch = 0
-    if resume is not None:
-        resume.restore_model(model, next(iter(make_dataset(arrays, config.batch_size))))
-        # A run that early stopping had ended goes straight to the end (where the best weights are put back).
-        initial_epoch = epochs if resume.stopped else resume.initial_epoch
-    start = time.perf_counter()
-    history = model.fit(dataset, epochs=epochs, verbose=verbose, initial_epoch=initial_epoch,
-                        callbacks=[guard, *_em_callbacks(model, config, split, arrays), *selection,
-                                   *([resume] if resume else []), *callbacks,
-                                   *_logging_callbacks(model, split, log_dir)]).history
-    seconds = time.perf_counter() - start
+
+def _compiled_model(config: RunConfig, split: Split, strategy):
+    """The model, built and compiled in the strategy's scope (when there is one)."""
+    with _scope(strategy):
+        model = build_model(config, split)
+        model.compile(optimizer=make_optimizer(config))
+    if strategy is not None:
+        # The logged values are already the global batch's (the loss trackers' sync-on-read variables sum over
+        # every replica): take the first replica's. tf-keras 2.16's default ("auto" = "sum") adds them up once
+        # more across the workers, which logs a 2-worker loss twice over.
+        model.distribute_reduction_method = "first"
+    return model
+
+
+def _require_distributable(config: RunConfig, rows: int, strategy) -> None:
+    """Under a strategy the global ``batch_size`` must split evenly over the replicas and fill at least one batch
+    (every batch is whole: incomplete ones are dropped)."""
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"batch_size (the global batch) must be a multiple of the strategy's {replicas} replicas, "
+                         f"got {config.batch_size}")
+    if config.batch_size > rows:
+        raise ValueError(f"batch_size must be <= the {rows} training rows under a strategy (incomplete batches are "
+                         f"dropped, so there would be no step), got {config.batch_size}")
+
+
+def _training_dataset(arrays, config: RunConfig, max_steps: Optional[int], strategy) -> tf.data.Dataset:
+    """The shuffled training batches. Under a strategy: whole global batches only (each replica gets an equal
+    share) and sharding by DATA: every worker builds the same seeded in-memory dataset and keeps its own part of
+    each global batch, so the workers train on different rows."""
+    dataset = make_dataset(arrays, config.batch_size, shuffle=True, seed=config.seed, repeat=max_steps is not None,
+                           drop_remainder=strategy is not None)
+    if strategy is not None:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
+    return dataset.take(max_steps) if max_steps is not None else dataset
+
+
+def _resume_state(config: RunConfig, split: Split, resume_dir, stopper, strategy) -> Optional[ResumeState]:
+    if resume_dir is None:
+        return None
+    return ResumeState(resume_dir, fingerprint(config, split), stopper, strategy=strategy)
+
+
+def _result(model, config: RunConfig, split: Split, history, resume: Optional[ResumeState], stopper,
+            seconds: float) -> TrainResult:
+    """Validation and test metrics of the trained model, its serving index, and the whole run's history."""
     best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else None
     valid = _evaluate(model, config, split, "valid") if len(split.valid) else {}
     metrics = _evaluate(model, config, split, "test") if len(split.test) else {}
@@ -140,6 +153,59 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
     history = resume.history if resume is not None else history  # with the epochs before a resumption
     return TrainResult(model, {k: [float(x) for x in v] for k, v in history.items()}, metrics, seconds,
                        valid, best_epoch)
+
+
+def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
+          callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
+          log_dir: Optional[str] = None, resume_dir: Optional[str] = None,
+          strategy: Optional[tf.distribute.Strategy] = None) -> TrainResult:
+    """Builds and fits a model on ``split.train`` (the validation and test items are never trained on).
+
+    Every ``evaluate_every`` epochs (0: never) the model is evaluated on the validation split; with
+    ``config.patience`` > 0 training stops after that many epochs without improvement of
+    ``config.selection_metric`` and the best epoch's weights are restored (``best_epoch``). A NaN or infinite
+    loss raises :class:`~tfrec_recall.training.callbacks.NonFiniteLossError`. Returns validation and test metrics of
+    the returned model. ``max_steps`` (e.g. a TFX Trainer's ``train_args.num_steps``) trains exactly that many
+    batches as one epoch instead of ``config.epochs`` passes. With ``log_dir``, TensorBoard logs go there: epoch
+    scalars (loss, validation metrics) and, after training, the returned model's item embeddings for the
+    projector (:mod:`tfrec_recall.training.tensorboard`). With ``resume_dir``, the run's state is written there
+    at the end of every epoch and a state already there is resumed from (:mod:`tfrec_recall.training.resume`).
+
+    With ``strategy`` (e.g. a ``MultiWorkerMirroredStrategy``; every worker calls ``train`` alike) the model is
+    built and compiled in its scope, ``config.batch_size`` is the GLOBAL batch (a multiple of the replicas;
+    incomplete batches are dropped) and the training rows are sharded by DATA over the workers; the retrieval
+    task gathers the in-batch candidates across replicas. Only the chief writes ``log_dir`` and ``resume_dir``;
+    the other workers write to temporaries that are removed (:mod:`tfrec_recall.training.multi_worker`).
+    Without a strategy, training runs in this process alone."""
+    if max_steps is not None:
+        require_positive_int("max_steps", max_steps)
+        if resume_dir is not None:
+            raise ValueError("resume_dir works by epochs; it cannot be combined with max_steps")
+    log_dir, strategy = require_log_dir(log_dir), require_strategy(strategy)
+    if strategy is not None:
+        _require_distributable(config, len(split.train), strategy)
+    set_seed(config.seed)
+    model = _compiled_model(config, split, strategy)
+    arrays = training_arrays(model, split)
+    dataset = _training_dataset(arrays, config, max_steps, strategy)
+    epochs = config.epochs if max_steps is None else 1
+    guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
+    selection = _selection_callbacks(model, config, split, evaluate_every)
+    stopper = next((c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)), None)
+    resume = _resume_state(config, split, resume_dir, stopper, strategy)
+    initial_epoch = 0
+    if resume is not None:
+        with _scope(strategy):  # the optimizer slots restore_model builds must be the strategy's variables
+            resume.restore_model(model, next(iter(make_dataset(arrays, config.batch_size))))
+        # A run that early stopping had ended goes straight to the end (where the best weights are put back).
+        initial_epoch = epochs if resume.stopped else resume.initial_epoch
+    start = time.perf_counter()
+    with worker_dir(log_dir, strategy) as logs_to:  # a non-chief's logs go to a temporary, removed afterwards
+        history = model.fit(dataset, epochs=epochs, verbose=verbose, initial_epoch=initial_epoch,
+                            callbacks=[guard, *_em_callbacks(model, config, split, arrays), *selection,
+                                       *([resume] if resume else []), *callbacks,
+                                       *_logging_callbacks(model, split, logs_to)]).history
+    return _result(model, config, split, history, resume, stopper, time.perf_counter() - start)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path) -> None:
@@ -157,5 +223,5 @@ def plot_history(history: Mapping[str, Sequence[float]], path) -> None:
         axes[0, 1].set(title="validation hit rate", xlabel="epoch", ylabel="HR@K")
         axes[0, 1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -5,8 +5,11 @@ of p(c | x_i) per (item, path), runs as a Beam job: :class:`ScorePaths` maps bat
 SavedModel *path scorer* (:func:`export_path_scorer`: the query tower, the structure model and the item lookup)
 with the same :func:`~tfrec_recall.training.path_assignment.interaction_scores` as the in-process M-step, and
 sums by key (``CombinePerKey``), so any Beam runner (DirectRunner, its multi-process mode, Dataflow, Dask)
-can spread it over workers. The summed scores are written as text shards ("item<TAB>code<TAB>score", one
-``counts`` shard set with "item<TAB>N_v") under ``work_dir``; :func:`read_path_scores` reads them back (through
+can spread it over workers. The summed scores are written as text shards by item ("item<TAB>code<TAB>score";
+code -1 holds the item's interaction count N_v) under ``work_dir``, by a ParDo at the pipeline's end: the
+DaskRunner of apache-beam 2.74 computes only the branch that ends the pipeline and hands every output of a
+multi-output ParDo to every consumer, so the job has one output and one sink (tests/test_beam_jobs.py runs it on
+the DirectRunner, its multi-process mode and Dask). :func:`read_path_scores` reads them back (through
 ``tf.io.gfile``, so ``gs://`` works) into the in-process :class:`~tfrec_recall.training.path_assignment.PathScores`,
 and the coordinate descent runs in one process (it is sequential over items; its input is the compact
 per-item candidate lists). ``beam_m_step`` does all of it and installs the paths, as ``m_step`` does.
@@ -20,12 +23,12 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 
+from tfrec_recall.beam_runners import run_pipeline
 from tfrec_recall.layers.structure import check_beam_width, place_values
 from tfrec_recall.tasks.path_likelihood import PathStructureLoss
 from tfrec_recall.training.deep_retrieval import MStep, install_paths, structure_loss_of
 from tfrec_recall.training.path_assignment import ScoreAccumulator, interaction_scores
 
-SCORES, COUNTS = "scores", "counts"
 
 
 class _PathScorer(tf.Module):
@@ -58,8 +61,13 @@ def export_path_scorer(model, directory: str, beam_width: int) -> str:
     return directory
 
 
+COUNT_CODE = -1  # the key (item, COUNT_CODE) sums the item's interactions N_v; (item, code >= 0) sums s[v, c]
+
+
 class _ScoreBatch(beam.DoFn):
-    """A batch of interactions (a dict of arrays) -> ((item, code), p) for each beam path, and (item, 1)."""
+    """A batch of interactions (a dict of arrays) -> ((item, code), p) for each beam path, and
+    ((item, COUNT_CODE), 1) per interaction. One output: the DaskRunner of apache-beam 2.74 hands every output
+    of a multi-output ParDo to every consumer."""
 
     def __init__(self, scorer_dir: str):
         super().__init__()
@@ -76,29 +84,45 @@ class _ScoreBatch(beam.DoFn):
         for item, code, p in zip(items.tolist(), codes.tolist(), probs.tolist()):
             yield (item, code), p
         for item in out["rows"][known].tolist():
-            yield beam.pvalue.TaggedOutput(COUNTS, (item, 1))
+            yield (item, COUNT_CODE), 1.0
 
 
 class ScorePaths(beam.PTransform):
-    """Batches of raw interactions (dicts of arrays with the query features and the item id) -> a dict of two
-    PCollections: ``scores`` ((item, code), s[v, c]) and ``counts`` (item, N_v)."""
+    """Batches of raw interactions (dicts of arrays with the query features and the item id) -> one PCollection
+    of ((item, code), s[v, c]) summed over the interactions, plus ((item, COUNT_CODE), N_v)."""
 
     def __init__(self, scorer_dir: str):
         super().__init__()
         self.scorer_dir = scorer_dir
 
     def expand(self, batches):
-        scored = batches | "Score" >> beam.ParDo(_ScoreBatch(self.scorer_dir)).with_outputs(COUNTS, main=SCORES)
-        return {SCORES: scored[SCORES] | "SumScores" >> beam.CombinePerKey(sum),
-                COUNTS: scored[COUNTS] | "SumCounts" >> beam.CombinePerKey(sum)}
+        return (batches | "Score" >> beam.ParDo(_ScoreBatch(self.scorer_dir))
+                | "Sum" >> beam.CombinePerKey(sum))
 
 
-def write_path_scores(scores: Mapping[str, beam.PCollection], prefix: str) -> None:
-    """Writes :class:`ScorePaths`'s output as text shards ``<prefix>-scores-*`` and ``<prefix>-counts-*``."""
-    (scores[SCORES] | "FormatScores" >> beam.MapTuple(lambda key, s: f"{key[0]}\t{key[1]}\t{s!r}")
-     | "WriteScores" >> beam.io.WriteToText(f"{prefix}-{SCORES}"))
-    (scores[COUNTS] | "FormatCounts" >> beam.MapTuple(lambda item, n: f"{item}\t{n}")
-     | "WriteCounts" >> beam.io.WriteToText(f"{prefix}-{COUNTS}"))
+class _WriteShard(beam.DoFn):
+    """(shard, [((item, code), value), ...]) -> the text file ``<prefix>-SSSSS.tsv`` ("item<TAB>code<TAB>value"
+    lines), written to a temporary name and renamed, through tf.io.gfile."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def process(self, element) -> Iterable[str]:
+        shard, rows = element
+        path = f"{self.prefix}-{shard:05d}.tsv"
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+            f.write("".join(f"{item}\t{code}\t{value!r}\n" for (item, code), value in sorted(rows)))
+        tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        yield path
+
+
+def write_path_scores(scores: beam.PCollection, prefix: str, num_shards: int = 4) -> beam.PCollection:
+    """Writes :class:`ScorePaths`'s output as ``num_shards`` text shards ``<prefix>-SSSSS.tsv`` (by item), in the
+    pipeline's last transform (a runner may compute only the branch that ends the pipeline)."""
+    return (scores | "ShardByItem" >> beam.Map(lambda kv: (kv[0][0] % num_shards, kv))
+            | "GroupShards" >> beam.GroupByKey() | "WriteShards" >> beam.ParDo(_WriteShard(prefix)))
 
 
 def _lines(pattern: str) -> Iterable[str]:
@@ -110,12 +134,14 @@ def _lines(pattern: str) -> Iterable[str]:
 def read_path_scores(prefix: str, num_items: int, max_candidates: int):
     """The :class:`PathScores` written by :func:`write_path_scores` under ``prefix``."""
     accumulator = ScoreAccumulator(num_items)
-    rows = [line.split("\t") for line in _lines(f"{prefix}-{SCORES}-*")]
-    if rows:
-        accumulator.add_sums([int(r[0]) for r in rows], [int(r[1]) for r in rows], [float(r[2]) for r in rows])
-    for line in _lines(f"{prefix}-{COUNTS}-*"):
-        item, n = line.split("\t")
-        accumulator.counts[int(item)] += int(n)
+    rows = [line.split("\t") for line in _lines(f"{prefix}-*.tsv")]
+    if not rows:
+        raise FileNotFoundError(f"no path scores under {prefix}-*.tsv: the scoring job wrote nothing")
+    paths = [r for r in rows if int(r[1]) != COUNT_CODE]
+    if paths:
+        accumulator.add_sums([int(r[0]) for r in paths], [int(r[1]) for r in paths], [float(r[2]) for r in paths])
+    for item, _, n in (r for r in rows if int(r[1]) == COUNT_CODE):
+        accumulator.counts[int(item)] += int(float(n))
     return accumulator.result(max_candidates)
 
 
@@ -133,10 +159,11 @@ def beam_m_step(model, arrays: Mapping[str, np.ndarray], work_dir: str, step: MS
     loss = structure_loss_of(model)
     scorer = export_path_scorer(model, os.path.join(work_dir, "path_scorer"), step.beam_width)
     prefix = os.path.join(work_dir, "path_scores", "part")
-    with beam.Pipeline(options=options) as pipeline:
-        scores = (pipeline | "Interactions" >> beam.Create(_batches(arrays, step.batch_size))
-                  | "ScorePaths" >> ScorePaths(scorer))
-        write_path_scores(scores, prefix)
+    pipeline = beam.Pipeline(options=options)
+    scores = (pipeline | "Interactions" >> beam.Create(_batches(arrays, step.batch_size))
+              | "ScorePaths" >> ScorePaths(scorer))
+    write_path_scores(scores, prefix)
+    run_pipeline(pipeline)
     return install_paths(model, read_path_scores(prefix, len(loss.items), step.max_candidates), step,
                          item_vectors)
 

@@ -13,6 +13,11 @@ a half-written state) with:
 Resuming with another configuration or other training data is refused, naming the keys that differ. What is not
 restored: the order of the shuffled batches of the remaining epochs (the data is reshuffled from the seed), so a
 resumed run is a valid continuation, not a bit-identical replay.
+
+Under a multi-worker strategy every worker writes the state at every epoch's end (the checkpoint may run collective
+ops), but only the chief's copy is kept in the directory; the others go to temporaries that are removed at once
+(:mod:`tfrec_recall.training.multi_worker`). Every worker resumes from the chief's state, so the directory must
+be one they all read.
 """
 from __future__ import annotations
 
@@ -20,17 +25,16 @@ import hashlib
 import json
 import logging
 import re
-import shutil
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-import numpy as np
 import tensorflow as tf
 
+from tfrec_recall import storage
 from tfrec_recall._atomic import atomic_directory, remove_stale_temporaries
 from tfrec_recall.config import ConfigError, RunConfig
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
 from tfrec_recall.data.split import Split
+from tfrec_recall.training.multi_worker import is_chief, require_strategy, worker_dir
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +54,10 @@ def fingerprint(config: RunConfig, split: Split) -> Dict[str, Any]:
     return {"config": keys, "train_rows": len(split.train), "train_sha256": digest.hexdigest()}
 
 
-def latest_state(directory) -> Optional[Path]:
-    """The newest complete ``epoch-NNNN`` folder of ``directory``; None when there is none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    done = [(int(m.group(1)), p) for p in directory.iterdir()
-            if (m := _EPOCH_DIR.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+def latest_state(directory) -> Optional[str]:
+    """The newest complete ``epoch-NNNN`` folder of ``directory`` (any path or URI); None when there is none."""
+    done = [(int(m.group(1)), storage.join(directory, n)) for n in storage.listdir(directory)
+            if (m := _EPOCH_DIR.fullmatch(n)) and storage.exists(storage.join(directory, n, STATE_FILE))]
     return max(done)[1] if done else None
 
 
@@ -72,16 +73,19 @@ class ResumeState(tf.keras.callbacks.Callback):
     """Writes the run's state to ``directory`` at the end of every epoch and, when a state is already there,
     puts it back at the start of training. ``early_stopping`` (put it before this callback in ``fit``'s list) has
     its counters and best weights saved and restored too. ``initial_epoch`` (for ``fit``) and ``history`` (every
-    epoch's logs, those before the resumption included) come from the state."""
+    epoch's logs, those before the resumption included) come from the state. ``strategy`` (the one the model is
+    trained under) says whether this process may remove the temporaries a killed writer left (only the chief
+    does); where each epoch's state is written follows the model's own strategy (only the chief's is kept)."""
 
     def __init__(self, directory, run_fingerprint: Mapping[str, Any],
-                 early_stopping: Optional[tf.keras.callbacks.EarlyStopping] = None):
+                 early_stopping: Optional[tf.keras.callbacks.EarlyStopping] = None,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         super().__init__()
-        self.directory = Path(directory)
+        self.directory = storage.makedirs(directory)
         self.fingerprint = dict(run_fingerprint)
         self.early_stopping = early_stopping
-        self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.directory, r"\.epoch-\d+\.tmp-(?P<pid>\d+)")
+        if is_chief(require_strategy(strategy)):  # another worker must not remove what the chief is writing
+            remove_stale_temporaries(self.directory, r"\.epoch-\d+\.tmp-(?P<pid>\d+)")
         self.state = self._read()
         self.initial_epoch = self.state["epochs_done"] if self.state else 0
         self.stopped = bool(self.state and self.state["stopped"])  # early stopping had ended the run
@@ -91,13 +95,13 @@ class ResumeState(tf.keras.callbacks.Callback):
         path = latest_state(self.directory)
         if path is None:
             return None
-        state = json.loads((path / STATE_FILE).read_text())
+        state = storage.read_json(storage.join(path, STATE_FILE))
         changed = _differences(state["fingerprint"], self.fingerprint)
         if changed:
             raise ConfigError(f"{self.directory} holds the state of a killed run with other settings (differs in: "
                               f"{', '.join(changed)}); use the same settings to resume it, or delete that "
                               "directory to start over")
-        state["path"] = str(path)
+        state["path"] = path
         return state
 
     def restore_model(self, model: tf.keras.Model, batch: Mapping[str, tf.Tensor]) -> None:
@@ -109,7 +113,7 @@ class ResumeState(tf.keras.callbacks.Callback):
         model.compute_losses(batch, training=False)
         model.optimizer.build(model.trainable_variables)
         status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(
-            str(Path(self.state["path"]) / CHECKPOINT_PREFIX))
+            storage.join(self.state["path"], CHECKPOINT_PREFIX))
         status.assert_existing_objects_matched()
         logger.info("resumed training after epoch %d from %s", self.initial_epoch, self.state["path"])
 
@@ -118,9 +122,9 @@ class ResumeState(tf.keras.callbacks.Callback):
         if stopper is None or saved is None:
             return
         stopper.wait, stopper.best, stopper.best_epoch = saved["wait"], saved["best"], saved["best_epoch"]
-        path = Path(self.state["path"]) / BEST_WEIGHTS_FILE
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as weights:
+        path = storage.join(self.state["path"], BEST_WEIGHTS_FILE)
+        if storage.exists(path):
+            with storage.load_npz(path) as weights:
                 stopper.best_weights = [weights[f"w{i}"] for i in range(len(weights.files))]
 
     def on_epoch_end(self, epoch, logs=None):
@@ -131,13 +135,26 @@ class ResumeState(tf.keras.callbacks.Callback):
                  "fingerprint": self.fingerprint,
                  "early_stopping": None if stopper is None else
                  {"wait": int(stopper.wait), "best": float(stopper.best), "best_epoch": int(stopper.best_epoch)}}
-        final = self.directory / f"epoch-{epoch + 1:04d}"
-        with atomic_directory(final) as tmp:
-            tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer).write(str(tmp / CHECKPOINT_PREFIX))
+        # Every worker writes (the checkpoint may run collective ops); only the chief's copy stays.
+        with worker_dir(self.directory, self.model.distribute_strategy) as directory:
+            self._write(storage.join(directory, f"epoch-{epoch + 1:04d}"), state)
+            if directory == self.directory:
+                self._remove_older(epoch + 1)
+
+    def _write(self, final: str, state: Mapping[str, Any]) -> None:
+        """The state folder ``final``, written whole or not at all."""
+        stopper = self.early_stopping
+        with atomic_directory(final, last=(STATE_FILE,)) as tmp:  # a folder without state.json is never read
+            tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer).write(
+                storage.join(tmp, CHECKPOINT_PREFIX))
             if stopper is not None and stopper.best_weights is not None:
-                np.savez(tmp / BEST_WEIGHTS_FILE, **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
-            (tmp / STATE_FILE).write_text(json.dumps(state))
-        for old in self.directory.iterdir():  # only the newest state is kept
-            match = _EPOCH_DIR.fullmatch(old.name)
-            if match and int(match.group(1)) < epoch + 1:
-                shutil.rmtree(old, ignore_errors=True)
+                storage.save_npz(storage.join(tmp, BEST_WEIGHTS_FILE),
+                                 **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
+            storage.write_text(storage.join(tmp, STATE_FILE), json.dumps(state))
+
+    def _remove_older(self, epochs_done: int) -> None:
+        """Only the newest state is kept."""
+        for old in storage.listdir(self.directory):
+            match = _EPOCH_DIR.fullmatch(old)
+            if match and int(match.group(1)) < epochs_done:
+                storage.rmtree(storage.join(self.directory, old))

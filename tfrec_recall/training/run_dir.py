@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -25,6 +24,7 @@ import pandas as pd
 import tensorflow as tf
 import yaml
 
+from tfrec_recall import storage
 from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.config import RunConfig
 from tfrec_recall.data.schema import USER_ID
@@ -32,6 +32,7 @@ from tfrec_recall.data.split import Split
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, embed_queries
 from tfrec_recall.features import FeatureSpec, feature_arrays
 from tfrec_recall.training.fit import TrainResult, plot_history
+from tfrec_recall.training.multi_worker import is_chief, require_strategy, worker_dir
 
 
 REQUEST_FILE = "request.json"
@@ -50,43 +51,63 @@ LOGS_DIR = "logs"
 
 
 def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, dataset_args: Mapping[str, Any],
-             log_dir: Optional[str] = None) -> Path:
-    """Writes the model directory atomically: everything goes to a temporary sibling, renamed at the end.
-    ``log_dir`` (the TensorBoard directory given to ``train``) is moved into the run as ``logs/``."""
-    if log_dir is not None and not tf.io.gfile.isdir(str(log_dir)):
+             log_dir: Optional[str] = None, strategy: Optional[tf.distribute.Strategy] = None) -> str:
+    """Writes the model directory (a local path or a URI) atomically: everything goes to a temporary sibling,
+    moved into place at the end (``config.yaml``, which ``load_run`` looks for first, written last).
+    ``log_dir`` (the TensorBoard directory given to ``train``) is moved into the run as ``logs/``.
+
+    With a multi-worker ``strategy`` every worker calls this (saving may run collective ops), but only the chief
+    writes ``out_dir`` and moves ``log_dir``; another worker writes the run to a temporary that is removed
+    (:mod:`tfrec_recall.training.multi_worker`) and leaves ``log_dir`` alone. Returns ``out_dir``."""
+    chief = is_chief(require_strategy(strategy))
+    if chief and log_dir is not None and not storage.isdir(log_dir):
         raise FileNotFoundError(f"log_dir {str(log_dir)!r} is not a directory (the log_dir given to train)")
-    out = Path(out_dir)
-    if tf.io.gfile.isdir(str(out)) and tf.io.gfile.listdir(str(out)):
-        raise FileExistsError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
-    if tf.io.gfile.isdir(str(out)):
-        tf.io.gfile.rmtree(str(out))  # empty (checked above): the rename needs the name free
-    tf.io.gfile.makedirs(str(out.parent))
-    with atomic_directory(out) as tmp:
-        model = result.model
-        (tmp / "config.yaml").write_text(yaml.safe_dump({"config": config.to_dict(), "dataset": dict(dataset_args)},
-                                                        sort_keys=False))
-        tf.train.Checkpoint(model=model).write(str(tmp / "checkpoint" / "ckpt"))
-        model.query_tower.save(str(tmp / "query_tower"), save_format="tf", include_optimizer=False)
-        model.candidate_tower.save(str(tmp / "candidate_tower"), save_format="tf", include_optimizer=False)
-        items = split.data.items
-        embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
-        np.savez(tmp / "candidates.npz", ids=items.astype(str), embeddings=embeddings,
-                 **_save_structure(model, items.astype(str), tmp / STRUCTURE_DIR))
-        (tmp / "metrics.json").write_text(json.dumps({"test": result.metrics, "valid": result.valid_metrics,
-                                                      "best_epoch": result.best_epoch,
-                                                      "train_seconds": result.train_seconds}, indent=2))
-        (tmp / "history.json").write_text(json.dumps(result.history, indent=2))
-        (tmp / REQUEST_FILE).write_text(json.dumps(sample_request(split, model.query_tower.serving_specs)))
-        plot_history(result.history, tmp / "training.png")
-        if log_dir is not None:
-            tf.io.gfile.rename(str(log_dir), str(tmp / LOGS_DIR))
+    out = storage.path_str(out_dir).rstrip("/")
+    with worker_dir(out, strategy) as target:
+        _save_run_to(result, split, target, config, dataset_args, log_dir if chief else None)
     return out
+
+
+def _save_run_to(result: TrainResult, split: Split, out: str, config: RunConfig, dataset_args: Mapping[str, Any],
+                 log_dir: Optional[str]) -> None:
+    """The body of :func:`save_run`, writing to ``out``."""
+    if storage.exists(out) and not storage.is_empty_dir(out):
+        raise FileExistsError(f"--out {out!r} exists and is not empty; choose a new directory")
+    storage.rmtree(out)  # empty (checked above): the move needs the name free
+    storage.makedirs(storage.parent(out))
+    with atomic_directory(out, last=(CONFIG_FILE,)) as tmp:
+        _write_models(result.model, split, tmp)
+        storage.write_json(storage.join(tmp, "metrics.json"), {
+            "test": result.metrics, "valid": result.valid_metrics, "best_epoch": result.best_epoch,
+            "train_seconds": result.train_seconds})
+        storage.write_json(storage.join(tmp, "history.json"), result.history)
+        storage.write_json(storage.join(tmp, REQUEST_FILE),
+                           sample_request(split, result.model.query_tower.serving_specs), indent=None)
+        plot_history(result.history, storage.join(tmp, "training.png"))
+        if log_dir is not None:
+            storage.move_directory(log_dir, storage.join(tmp, LOGS_DIR), last=())
+        storage.write_text(storage.join(tmp, CONFIG_FILE), yaml.safe_dump(
+            {"config": config.to_dict(), "dataset": dict(dataset_args)}, sort_keys=False))
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def _write_models(model, split: Split, directory: str) -> None:
+    """The checkpoint, both towers as SavedModels and the corpus embeddings (and Deep Retrieval's structure)."""
+    tf.train.Checkpoint(model=model).write(storage.join(directory, "checkpoint", "ckpt"))
+    model.query_tower.save(storage.join(directory, "query_tower"), save_format="tf", include_optimizer=False)
+    model.candidate_tower.save(storage.join(directory, "candidate_tower"), save_format="tf", include_optimizer=False)
+    items = split.data.items
+    embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
+    storage.save_npz(storage.join(directory, "candidates.npz"), ids=items.astype(str), embeddings=embeddings,
+                     **_save_structure(model, items.astype(str), storage.join(directory, STRUCTURE_DIR)))
 
 
 STRUCTURE_DIR = "path_structure"
 
 
-def _save_structure(model, ids: np.ndarray, directory: Path) -> Dict[str, np.ndarray]:
+def _save_structure(model, ids: np.ndarray, directory: str) -> Dict[str, np.ndarray]:
     """Deep Retrieval's structure model (config and weights, in ``directory``) and the items' paths (returned as
     ``{"paths": [n, J, D]}`` in the order of ``ids``); nothing for other models."""
     from tfrec_recall.tasks.path_likelihood import PathStructureLoss
@@ -95,17 +116,17 @@ def _save_structure(model, ids: np.ndarray, directory: Path) -> Dict[str, np.nda
         return {}
     loss, = losses
     s = loss.structure
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(tf.keras.layers.serialize(s)))
-    tf.train.Checkpoint(structure=s).write(str(directory / "ckpt"))
+    storage.makedirs(directory)
+    storage.write_json(storage.join(directory, "config.json"), tf.keras.layers.serialize(s), indent=None)
+    tf.train.Checkpoint(structure=s).write(storage.join(directory, "ckpt"))
     return {"paths": loss.paths_of(ids)}
 
 
-def _load_structure(directory: Path, input_dim: int):
+def _load_structure(directory: str, input_dim: int):
     """The saved structure model, built for ``input_dim``-d query vectors and its weights restored."""
-    s = tf.keras.layers.deserialize(json.loads((directory / "config.json").read_text()))
+    s = tf.keras.layers.deserialize(storage.read_json(storage.join(directory, "config.json")))
     s(tf.zeros([1, input_dim]), tf.zeros([1, 1, s.num_layers], tf.int32))  # creates every variable
-    tf.train.Checkpoint(structure=s).read(str(directory / "ckpt")).assert_consumed()
+    tf.train.Checkpoint(structure=s).read(storage.join(directory, "ckpt")).assert_consumed()
     return s
 
 
@@ -124,28 +145,28 @@ class LoadedRun:
 def load_run_config(model_dir) -> RunConfig:
     """The RunConfig saved with a run, without loading its models."""
     from tfrec_recall.config import from_dict
-    path = Path(model_dir) / "config.yaml"
-    if not path.is_file():
+    path = storage.join(model_dir, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"--model-dir {str(model_dir)!r} has no config.yaml: not a directory written by "
                                 "`tfrec-recall train`")
-    return from_dict(yaml.safe_load(path.read_text())["config"])
+    return from_dict(yaml.safe_load(storage.read_text(path))["config"])
 
 
 def load_run(model_dir) -> LoadedRun:
     from tfrec_recall.config import from_dict
-    d = Path(model_dir)
-    for name in ("config.yaml", "query_tower", "candidate_tower", "candidates.npz"):
-        if not (d / name).exists():
-            raise FileNotFoundError(f"--model-dir {str(d)!r} has no {name}: not a directory written by "
-                                    "`tfrec-recall train`")
-    saved = yaml.safe_load((d / "config.yaml").read_text())
-    candidates = np.load(d / "candidates.npz", allow_pickle=False)
+    d = storage.path_str(model_dir)
+    missing = storage.first_missing(d, (CONFIG_FILE, "query_tower", "candidate_tower", "candidates.npz"))
+    if missing is not None:
+        raise FileNotFoundError(f"--model-dir {d!r} has no {missing}: not a directory written by "
+                                "`tfrec-recall train`")
+    saved = yaml.safe_load(storage.read_text(storage.join(d, CONFIG_FILE)))
+    candidates = storage.load_npz(storage.join(d, "candidates.npz"))
     structure = None
-    if (d / STRUCTURE_DIR).is_dir():
-        structure = _load_structure(d / STRUCTURE_DIR, candidates["embeddings"].shape[1])
+    if storage.isdir(storage.join(d, STRUCTURE_DIR)):
+        structure = _load_structure(storage.join(d, STRUCTURE_DIR), candidates["embeddings"].shape[1])
     return LoadedRun(from_dict(saved["config"]), saved["dataset"],
-                     tf.keras.models.load_model(str(d / "query_tower"), compile=False),
-                     tf.keras.models.load_model(str(d / "candidate_tower"), compile=False),
+                     tf.keras.models.load_model(storage.join(d, "query_tower"), compile=False),
+                     tf.keras.models.load_model(storage.join(d, "candidate_tower"), compile=False),
                      candidates["ids"], candidates["embeddings"], structure,
                      candidates["paths"] if "paths" in candidates.files else None)
 
