@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,20 +23,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tfrec_recall.training.multi_worker import free_ports
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def free_ports(n: int) -> List[int]:
-    """``n`` ports the OS reports free (bound to port 0, then released)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run_job(workers: int, args: argparse.Namespace, scratch: Path) -> Dict:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -164,18 +163,6 @@ def test_entry_point_arguments_are_checked():
 
 # -- the two-worker job ----------------------------------------------------------------------------------------
 
-def _free_ports(n):
-    """``n`` ports the OS reports free (bound to port 0, then released)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class _Job:
     """Two worker processes of the entry point; stdout / stderr of each launch in ``logs``."""
 
@@ -237,7 +224,7 @@ def killed_and_resumed(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi_worker")
     (root / "job").mkdir()
     (root / "logs").mkdir()
-    job = _Job(root / "job", root / "logs", _free_ports(2))
+    job = _Job(root / "job", root / "logs", multi_worker.free_ports(2))
     start = time.monotonic()
     try:
         job.start()

@@ -156,6 +156,22 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--tf-config must be a JSON object with 'cluster' and 'task', got {args.tf_config!r}")
 
 
+def free_ports(n: int) -> list:
+    """``n`` ports of 127.0.0.1 the OS reports free (bound to port 0, then released), for a local job's
+    ``TF_CONFIG``."""
+    import socket
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def make_strategy(collective_timeout: Optional[float] = None) -> "tf.distribute.Strategy":
     """A ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; call it before TensorFlow runs any op.
     ``collective_timeout`` (seconds) makes a collective fail instead of waiting forever for a lost peer."""
