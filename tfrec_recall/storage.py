@@ -230,11 +230,6 @@ def move_directory(src, dst, last: Sequence[str] = ("saved_model.pb",)) -> None:
     rmtree(src)
 
 
-def glob(pattern: str) -> List[str]:
-    """``tf.io.gfile.glob``, sorted."""
-    return sorted(gfile().glob(path_str(pattern)))
-
-
 def files_matching(directory, prefix: str = "", suffix: str = "") -> List[str]:
     """Paths of the files in ``directory`` whose names start with ``prefix`` and end with ``suffix``."""
     return [join(directory, n) for n in listdir(directory)
@@ -245,12 +240,6 @@ def mtime(path) -> float:
     """Last modification time, epoch seconds (``tf.io.gfile.stat`` gives no directory times on a local disk)."""
     path = path_str(path)
     return os.stat(path).st_mtime if is_local(path) else gfile().stat(path).mtime_nsec / 1e9
-
-
-def require_dir(path, what: str) -> str:
-    if not isdir(path):
-        raise FileNotFoundError(f"{what} {path_str(path)!r} is not a directory")
-    return path_str(path)
 
 
 def first_missing(directory, names: Iterable[str]):
