@@ -38,7 +38,7 @@ def test_encoder_lookup_oov_and_pooling_match_numpy():
 
 
 def test_spec_validation_errors():
-    with pytest.raises(ValueError, match=r"user_id: give exactly one of vocabulary or hash_buckets"):
+    with pytest.raises(ValueError, match=r"user_id: give exactly one of vocabulary, vocabulary_file or hash_buckets"):
         IdFeature("user_id")
     with pytest.raises(ValueError, match=r"history.pooling must be one of \('mean', 'recency'\), got 'max'"):
         SequenceFeature("history", vocabulary=("a",), pooling="max")

@@ -308,3 +308,44 @@ def test_the_first_epoch_equals_one_process_on_the_same_global_batch(killed_and_
     # (measured: 727.6913 in both; without whole batches one process logs 698.94, per-worker batches of 128
     # or per-replica negatives would differ by far more than the tolerance)
     assert workers == pytest.approx(single.history["loss"][0], rel=1e-4)
+
+
+# -- the train command ------------------------------------------------------------------------------------------
+
+def test_train_command_refuses_multi_worker_without_tf_config(tmp_path, monkeypatch, capsys):
+    from tfrec_recall import cli
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--multi-worker"]) == 2
+    assert "--multi-worker needs the TF_CONFIG environment variable" in capsys.readouterr().err
+    monkeypatch.setenv("TF_CONFIG", "{oops")
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--multi-worker"]) == 2
+    assert "--multi-worker: TF_CONFIG is not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_command_runs_as_two_workers(tmp_path):
+    """`tfrec-recall train --multi-worker` on both workers of a TF_CONFIG cluster: the chief alone takes the run's
+    lock (a second lock holder would fail at once) and writes --out; nothing else is left beside it."""
+    from tfrec_recall.data.protocol import write_interactions_csv
+    data = make_synthetic(num_users=200, num_items=200, num_categories=8, mean_interactions=15, seed=3)
+    csv = write_interactions_csv(data, str(tmp_path / "interactions.csv"))
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in multi_worker.free_ports(2)]}
+    command = [sys.executable, "-m", "tfrec_recall.cli", "train", "--dataset", "csv", "--data-dir", csv,
+               "--model", "youtube_dnn", "--history-length", "10", "--epochs", "1", "--patience", "0", "--quiet",
+               "--set", "batch_size=128", "--set", "embedding_dim=8", "--set", "output_dim=8",
+               "--set", "hidden_units=[8]", "--out", str(tmp_path / "run"), "--multi-worker"]
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        outputs = [p.communicate(timeout=FINISH_TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "test metrics" in outputs[0][0] and "test metrics" in outputs[1][0]
+    assert sorted(os.listdir(tmp_path)) == ["interactions.csv", "run"]  # no resume state, no temporaries
+    assert {"config.yaml", "metrics.json", "logs", "query_tower"} <= set(os.listdir(tmp_path / "run"))

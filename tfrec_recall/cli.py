@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -78,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                             "applied after --config and the flags")
     train.add_argument("--out", required=True, help="output directory (must be new or empty)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--multi-worker", action="store_true",
+                       help="one worker of a MultiWorkerMirroredStrategy job described by the TF_CONFIG environment "
+                            "variable: run the same command on every worker (--out on storage they share); the "
+                            "chief alone takes the run's lock and writes --out")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on the protocol")
     evaluate.add_argument("--model-dir", required=True)
@@ -168,6 +173,25 @@ def _print_metrics(metrics, title: str) -> None:
     print("  " + "  ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f"  (users={metrics.get('users')})")
 
 
+def _multi_worker_strategy():
+    """The MultiWorkerMirroredStrategy of TF_CONFIG (created before TensorFlow runs an op in this process)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "null")
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--multi-worker: TF_CONFIG is not JSON ({error})") from None
+    if not isinstance(cluster, dict) or "cluster" not in cluster or "task" not in cluster:
+        raise ConfigError("--multi-worker needs the TF_CONFIG environment variable: {\"cluster\": {\"worker\": "
+                          "[HOST:PORT, ...]}, \"task\": {\"type\": \"worker\", \"index\": I}}, got "
+                          f"{os.environ.get('TF_CONFIG')!r}")
+    from tfrec_recall.training.multi_worker import make_strategy
+    return make_strategy()
+
+
+def _is_chief(strategy) -> bool:
+    from tfrec_recall.training.multi_worker import is_chief
+    return is_chief(strategy)
+
+
 def _train(args) -> int:
     if args.history_length is not None and args.history_length < 1:
         raise ConfigError(f"--history-length must be >= 1, got {args.history_length}")
@@ -184,8 +208,10 @@ def _train(args) -> int:
     out = storage.path_str(args.out).rstrip("/")
     if storage.exists(out) and not storage.is_empty_dir(out):
         raise ConfigError(f"--out {args.out!r} exists and is not an empty directory")
-    # A killed run to the same --out left its temporary siblings (the model being saved, the logs): remove them.
-    remove_stale_temporaries(storage.parent(out), rf"\.{re.escape(storage.name(out))}\.(tmp|logs)-(?P<pid>\d+)")
+    strategy = _multi_worker_strategy() if args.multi_worker else None
+    chief = strategy is None or _is_chief(strategy)
+    if chief:  # A killed run to the same --out left temporary siblings (the model being saved, the logs)
+        remove_stale_temporaries(storage.parent(out), rf"\.{re.escape(storage.name(out))}\.(tmp|logs)-(?P<pid>\d+)")
     dataset_args = {"name": args.dataset, "data_dir": _absolute(args.data_dir) if args.data_dir else None,
                     "on_bad_rows": args.on_bad_rows, "column_map": parse_column_map(args.column_map),
                     "split": args.split, "history_length": config.history_length, "seed": config.seed}
@@ -201,14 +227,17 @@ def _train(args) -> int:
     # TensorBoard logs are kept with it; save_run moves them into the run as <out>/logs.
     resume_dir = storage.makedirs(storage.join(storage.parent(out), f".{storage.name(out)}.resume"))
     log_dir = storage.join(resume_dir, "logs")
-    with exclusive_lock(resume_dir, "training run"):
+    # Only the chief locks: the other workers of a multi-worker job read the same resume state, and write nothing
+    # there (their copies go to temporaries; tfrec_recall.training.multi_worker).
+    with exclusive_lock(resume_dir, "training run") if chief else contextlib.nullcontext():
         done = training.latest_state(resume_dir)
         if done is not None:
             print(f"resuming the interrupted run from {done} (delete {resume_dir} to start over)")
         result = training.train(config, split, verbose=0 if args.quiet else 1, log_dir=log_dir,
-                                resume_dir=resume_dir)
-        training.save_run(result, split, out, config, dataset_args, log_dir=log_dir)
-        storage.rmtree(resume_dir)  # the run is saved: nothing to resume
+                                resume_dir=resume_dir, strategy=strategy)
+        training.save_run(result, split, out, config, dataset_args, log_dir=log_dir, strategy=strategy)
+        if chief:
+            storage.rmtree(resume_dir)  # the run is saved: nothing to resume
     _print_metrics(result.metrics, f"test metrics ({args.split}, full corpus, training items excluded):")
     print(f"trained in {result.train_seconds:.1f} s; model, metrics.json, history.json, training.png and "
           f"TensorBoard logs/ in {out}")

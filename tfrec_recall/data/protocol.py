@@ -9,7 +9,9 @@ Raw interaction examples carry ``user_id`` and ``item_id`` (bytes or int64), ``t
 optionally ``weight`` (float) and ``row_number`` (int64: the position in the source file, which breaks
 timestamp ties as PROTOCOL.md asks; without it ties break by item id). Split examples carry ``user_id``,
 ``item_id``, ``timestamp``, ``weight``, ``position`` (the interaction's index in the user's time order) and
-``history`` (the user's previous training items, most recent first, at most ``history_length``).
+``history`` (the user's previous training items, most recent first, at most ``history_length``); ``eval`` and
+``test`` examples also carry ``exclude``: all the user's training items, in time order, which ranking removes
+from the candidates (so evaluation can stream these examples without the training split beside them).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tfrec_recall.data.split import Split
 ROW_NUMBER = "row_number"
 POSITION = "position"
 HISTORY = "history"
+EXCLUDE = "exclude"
 TRAIN, EVAL, TEST = "train", "eval", "test"
 SPLITS = (TRAIN, EVAL, TEST)
 
@@ -78,7 +81,7 @@ def assign_user(events: Iterable[Mapping[str, object]], history_length: int = 50
             out.append((TRAIN, record))
             sequence.append(event[ITEM_ID])
         else:
-            out.append((TEST if position == n - 1 else EVAL, record))
+            out.append((TEST if position == n - 1 else EVAL, {**record, EXCLUDE: list(sequence)}))
     return out
 
 
@@ -95,7 +98,10 @@ def _example(strings: Mapping[str, Sequence], ints: Mapping[str, Sequence], floa
 
 def to_example(record: Mapping[str, object]):
     """A split record (see :func:`assign_user`) as a ``tf.train.Example``."""
-    return _example({USER_ID: [record[USER_ID]], ITEM_ID: [record[ITEM_ID]], HISTORY: record[HISTORY]},
+    strings = {USER_ID: [record[USER_ID]], ITEM_ID: [record[ITEM_ID]], HISTORY: record[HISTORY]}
+    if EXCLUDE in record:
+        strings[EXCLUDE] = record[EXCLUDE]
+    return _example(strings,
                     {TIMESTAMP: [record[TIMESTAMP]], POSITION: [record[POSITION]]}, {WEIGHT: [record[WEIGHT]]})
 
 

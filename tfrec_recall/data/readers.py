@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import logging
 import math
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -376,6 +377,22 @@ def read_csv(path, *, column_map: Optional[Mapping[str, str]] = None, feature_ki
     return data
 
 
+PARQUET_MAGIC = b"PAR1"  # the first and the last four bytes of every Parquet file
+
+
+def _require_parquet_magic(path: str) -> None:
+    with storage.open_read(path) as handle:
+        head = handle.read(len(PARQUET_MAGIC))
+        size = handle.seek(0, io.SEEK_END)
+        tail = b""
+        if size >= 2 * len(PARQUET_MAGIC):
+            handle.seek(size - len(PARQUET_MAGIC))
+            tail = handle.read(len(PARQUET_MAGIC))
+    if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+        raise DataError(f"cannot read as Parquet: the file does not start and end with {PARQUET_MAGIC!r} "
+                        f"({size} bytes, starts with {head!r})", path=path)
+
+
 def read_parquet(path, *, column_map: Optional[Mapping[str, str]] = None,
                  feature_kinds: Optional[Mapping[str, str]] = None, user_feature_columns: Sequence[str] = (),
                  item_feature_columns: Sequence[str] = (), on_bad_rows: str = "error",
@@ -386,7 +403,10 @@ def read_parquet(path, *, column_map: Optional[Mapping[str, str]] = None,
         raise DataError("file not found", path=path)
     import pyarrow.parquet as pq
     # pyarrow directly, not pd.read_parquet: after pandas' read of a file that is not Parquet fails, the process
-    # aborts at exit ("terminate called without an active exception", pandas 2 / pyarrow 10 here).
+    # aborts at exit ("terminate called without an active exception", pandas 2 / pyarrow 10 here). pyarrow's own
+    # failure on such a file did it too, now and then (seen under load): a file without Parquet's magic bytes is
+    # refused before pyarrow reads it.
+    _require_parquet_magic(path)
     try:
         with storage.open_read(path) as handle:
             df = pq.read_table(handle).to_pandas()

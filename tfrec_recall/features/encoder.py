@@ -39,11 +39,11 @@ class FeatureEncoder(tf.keras.layers.Layer):
             self._projections[key] = tf.keras.layers.Dense(spec.embedding_dim, name=f"{key}_projection")
             return
         padded = spec.width is not None  # index 0 is the padding slot of list inputs
-        if spec.vocabulary is not None:
+        if spec.has_vocabulary:
             self._lookups[key] = tf.keras.layers.StringLookup(
-                vocabulary=list(spec.vocabulary), num_oov_indices=spec.num_oov,
+                vocabulary=spec.lookup_vocabulary(), num_oov_indices=spec.num_oov,
                 mask_token="" if padded else None, name=f"{key}_lookup")
-            size = len(spec.vocabulary) + spec.num_oov + int(padded)
+            size = self._lookups[key].vocabulary_size()  # tokens + OOV buckets (+ the padding slot)
         else:
             self._lookups[key] = tf.keras.layers.Hashing(spec.hash_buckets, name=f"{key}_hashing")
             size = spec.hash_buckets + int(padded)
@@ -62,7 +62,7 @@ class FeatureEncoder(tf.keras.layers.Layer):
         return {spec.name: spec.dummy_input() for spec in self.specs}
 
     def _indices(self, spec, values):
-        if spec.vocabulary is not None or spec.width is None:
+        if spec.has_vocabulary or spec.width is None:
             return self._lookups[spec.name](values)
         # Hashed list input: shift by one so index 0 stays the padding slot.
         return tf.where(tf.equal(values, ""), tf.zeros_like(values, tf.int64), self._lookups[spec.name](values) + 1)

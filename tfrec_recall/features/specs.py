@@ -147,13 +147,18 @@ class _Categorical(FeatureSpec):
     vocabulary: Optional[tuple] = None
     hash_buckets: Optional[int] = None
     num_oov: int = 1
+    vocabulary_file: Optional[str] = None  # one token per line (e.g. a Beam job's ``<feature>.vocab``)
 
     def __post_init__(self):
         super().__post_init__()
-        if (self.vocabulary is None) == (self.hash_buckets is None):
-            raise ValueError(f"{self.name}: give exactly one of vocabulary or hash_buckets "
+        given = [self.vocabulary is not None, self.vocabulary_file is not None, self.hash_buckets is not None]
+        if sum(given) != 1:
+            raise ValueError(f"{self.name}: give exactly one of vocabulary, vocabulary_file or hash_buckets "
                              f"(got vocabulary={'set' if self.vocabulary is not None else None}, "
-                             f"hash_buckets={self.hash_buckets!r})")
+                             f"vocabulary_file={self.vocabulary_file!r}, hash_buckets={self.hash_buckets!r})")
+        if self.vocabulary_file is not None and (not isinstance(self.vocabulary_file, str)
+                                                 or not self.vocabulary_file):
+            raise ValueError(f"{self.name}.vocabulary_file must be a non-empty path, got {self.vocabulary_file!r}")
         if self.hash_buckets is not None:
             require_int(f"{self.name}.hash_buckets", self.hash_buckets, 1)
         if self.vocabulary is not None:
@@ -161,6 +166,23 @@ class _Categorical(FeatureSpec):
             if len(self.vocabulary) == 0 or "" in self.vocabulary:
                 raise ValueError(f"{self.name}.vocabulary must be non-empty and must not contain ''")
         require_int(f"{self.name}.num_oov", self.num_oov, 1)
+
+    @property
+    def has_vocabulary(self) -> bool:
+        """Whether ids are looked up in a vocabulary (in memory or a file) rather than hashed."""
+        return self.vocabulary is not None or self.vocabulary_file is not None
+
+    def lookup_vocabulary(self):
+        """What ``StringLookup(vocabulary=...)`` takes: the token list, or the vocabulary file's path (read by
+        the lookup table itself, and an asset of an exported SavedModel)."""
+        return self.vocabulary_file if self.vocabulary_file is not None else list(self.vocabulary)
+
+    def vocabulary_tokens(self) -> tuple:
+        """The vocabulary's tokens, read from the file when the spec names one (in memory: O(vocabulary))."""
+        if self.vocabulary_file is None:
+            return self.vocabulary
+        from tfrec_recall import storage
+        return tuple(line for line in storage.read_text(self.vocabulary_file).split("\n") if line)
 
 
 @register_feature_kind

@@ -84,11 +84,11 @@ class CategoryAlignmentLoss(AuxiliaryLoss):
     def __init__(self, category: SpecLike, weight: float = 1.0, **kwargs):
         super().__init__(weight=weight, **kwargs)
         spec = as_spec(category)
-        if spec.dtype != tf.string or getattr(spec, "vocabulary", None) is None:
+        if spec.dtype != tf.string or not getattr(spec, "has_vocabulary", False):
             raise ValueError(f"category must be a categorical feature spec with a vocabulary, got {spec.name!r} "
                              f"of kind {spec.kind!r}")
         self.category = spec
-        self._lookup = tf.keras.layers.StringLookup(vocabulary=list(spec.vocabulary), num_oov_indices=1,
+        self._lookup = tf.keras.layers.StringLookup(vocabulary=spec.lookup_vocabulary(), num_oov_indices=1,
                                                     name="category_lookup")
 
     def feature_specs(self) -> List[FeatureSpec]:

@@ -28,11 +28,8 @@ def set_seed(seed: int) -> None:
 
 
 def _tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str, split: Split, augment=None):
-    cls = tower_class(kind)
-    specs, from_data = cls.from_split(specs, config, split)
-    return cls.from_hidden_units(specs, config.hidden_units, output_dim=config.output_dim,
-                                 l2_normalize=config.l2_normalize, dropout=config.dropout, name=name,
-                                 augment=augment, **cls.run_config_options(config), **from_data)
+    specs, from_data = tower_class(kind).from_split(specs, config, split)
+    return tower(kind, specs, config, name, augment, **from_data)
 
 
 def _specs(config: RunConfig, split: Split):
@@ -63,6 +60,19 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
                          augment_spec(config, split, "query"))
     candidate_tower = _tower(config.candidate_tower, specs["candidate"], config, "candidate_tower", split,
                              augment_spec(config, split, "candidate"))
+    corpus, counts = None, None
+    if config.negatives in ("mixed", "global"):
+        corpus = corpus_arrays(split, candidate_tower.input_specs)
+        counts = split.train[ITEM_ID].value_counts().reindex(split.data.items, fill_value=0).to_numpy()
+    return assemble_model(config, query_tower, candidate_tower, corpus=corpus, counts=counts,
+                          auxiliary=auxiliary_losses(config, split, query_tower, candidate_tower))
+
+
+def assemble_model(config: RunConfig, query_tower, candidate_tower, *, corpus=None, counts=None,
+                   auxiliary: Sequence = ()) -> TwoTower:
+    """The model around two built towers: the frequency estimator (logQ), the corpus negative sampler (for
+    ``negatives`` mixed / global: ``corpus``, the candidate tower's raw inputs of the items to sample, and
+    ``counts``, their training counts), the retrieval task and the ``auxiliary`` losses."""
     estimator = None
     if config.logq_correction and config.negatives != "global":  # global negatives: the sampler's own u(y)
         estimator = StreamingFrequencyEstimator(num_buckets=config.estimator_buckets,
@@ -70,9 +80,9 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
                                                 name="frequency_estimator")
     sampler = None
     if config.negatives in ("mixed", "global"):
-        counts = split.train[ITEM_ID].value_counts().reindex(split.data.items, fill_value=0).to_numpy()
-        sampler = CorpusNegativeSampler(corpus_arrays(split, candidate_tower.input_specs), id_feature=ITEM_ID,
-                                        counts=counts, beta=config.negative_beta,
+        if corpus is None or counts is None:
+            raise ValueError(f"negatives {config.negatives!r} samples from the corpus: corpus and counts are required")
+        sampler = CorpusNegativeSampler(corpus, id_feature=ITEM_ID, counts=counts, beta=config.negative_beta,
                                         num_negatives=config.num_negatives, seed=config.seed,
                                         name="negative_sampler")
     task = RetrievalTask(temperature=config.temperature, remove_accidental_hits=config.remove_accidental_hits,
@@ -81,7 +91,16 @@ def build_model(config: RunConfig, split: Split) -> TwoTower:
                          name="retrieval")
     return TwoTower(query_tower, candidate_tower, task, frequency_estimator=estimator, negative_sampler=sampler,
                     logq_correction=config.logq_correction, weight_feature=config.weight_column,
-                    auxiliary_losses=auxiliary_losses(config, split, query_tower, candidate_tower))
+                    auxiliary_losses=list(auxiliary))
+
+
+def tower(kind: str, specs: Sequence[FeatureSpec], config: RunConfig, name: str, augment=None, **from_data):
+    """A tower of class ``kind`` from a RunConfig and its input specs (``from_data``: the class's extra
+    arguments read from the data, see ``Tower.from_split``)."""
+    cls = tower_class(kind)
+    return cls.from_hidden_units(specs, config.hidden_units, output_dim=config.output_dim,
+                                 l2_normalize=config.l2_normalize, dropout=config.dropout, name=name,
+                                 augment=augment, **cls.run_config_options(config), **from_data)
 
 
 def make_optimizer(config: RunConfig):

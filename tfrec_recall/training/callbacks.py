@@ -1,12 +1,24 @@
 """Training callbacks: periodic validation metrics in the logs, and the guard against non-finite losses."""
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from typing import Optional, Sequence
 
 import tensorflow as tf
 
 from tfrec_recall._validation import require_positive_int
+
+
+def outside_strategy(fn):
+    """``fn()``, out of the distribution strategy's scope that ``fit`` runs callbacks in: evaluation builds an
+    index whose string variables a multi-worker strategy would mirror (a collective broadcast, which has no
+    string kernel). A strategy's scope is thread-local, so a helper thread runs ``fn`` without it; every worker
+    evaluates the same model alone."""
+    if not tf.distribute.has_strategy():
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluation") as pool:
+        return pool.submit(fn).result()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,7 +60,7 @@ class RetrievalEvaluation(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
             return
-        metrics = self.evaluate_fn()
+        metrics = outside_strategy(self.evaluate_fn)
         if logs is not None:
             for name, value in metrics.items():
                 if name != "users" and (self.keys is None or name in self.keys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -14,6 +14,7 @@ from tfrec_recall import storage
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import RunConfig
 from tfrec_recall.data.split import Split
+from tfrec_recall.data.streaming import StreamingSplit
 from tfrec_recall.data.tfdata import make_dataset
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, evaluate
 from tfrec_recall.models.base import index_split_corpus
@@ -155,10 +156,10 @@ def _result(model, config: RunConfig, split: Split, history, resume: Optional[Re
                        valid, best_epoch)
 
 
-def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: int = 1,
+def train(config: RunConfig, split: Union[Split, StreamingSplit], *, evaluate_every: int = 1, verbose: int = 1,
           callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
           log_dir: Optional[str] = None, resume_dir: Optional[str] = None,
-          strategy: Optional[tf.distribute.Strategy] = None) -> TrainResult:
+          strategy: Optional[tf.distribute.Strategy] = None, dataset_factory=None) -> TrainResult:
     """Builds and fits a model on ``split.train`` (the validation and test items are never trained on).
 
     Every ``evaluate_every`` epochs (0: never) the model is evaluated on the validation split; with
@@ -176,7 +177,18 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
     incomplete batches are dropped) and the training rows are sharded by DATA over the workers; the retrieval
     task gathers the in-batch candidates across replicas. Only the chief writes ``log_dir`` and ``resume_dir``;
     the other workers write to temporaries that are removed (:mod:`tfrec_recall.training.multi_worker`).
-    Without a strategy, training runs in this process alone."""
+    Without a strategy, training runs in this process alone.
+
+    ``split`` may be a :class:`~tfrec_recall.data.streaming.StreamingSplit` (record files and Beam-computed
+    vocabularies): training then streams (:func:`tfrec_recall.training.streaming.train_streaming`; TensorBoard
+    logs and resumption are not supported there yet; ``dataset_factory``: a TFX Trainer's
+    ``data_accessor.tf_dataset_factory`` to read the files with)."""
+    if isinstance(split, StreamingSplit):
+        return _train_streamed(config, split, evaluate_every=evaluate_every, verbose=verbose, callbacks=callbacks,
+                               max_steps=max_steps, log_dir=log_dir, resume_dir=resume_dir, strategy=strategy,
+                               dataset_factory=dataset_factory)
+    if dataset_factory is not None:
+        raise ValueError("dataset_factory reads record files: it needs a StreamingSplit, not an in-memory Split")
     if max_steps is not None:
         require_positive_int("max_steps", max_steps)
         if resume_dir is not None:
@@ -206,6 +218,15 @@ def train(config: RunConfig, split: Split, *, evaluate_every: int = 1, verbose: 
                                        *([resume] if resume else []), *callbacks,
                                        *_logging_callbacks(model, split, logs_to)]).history
     return _result(model, config, split, history, resume, stopper, time.perf_counter() - start)
+
+
+def _train_streamed(config: RunConfig, source: StreamingSplit, *, log_dir, resume_dir, **kwargs) -> TrainResult:
+    from tfrec_recall.training.streaming import train_streaming
+    for name, value in (("log_dir", log_dir), ("resume_dir", resume_dir)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported with a StreamingSplit yet (streamed training has no "
+                             f"TensorBoard logs or resume state), got {value!r}")
+    return train_streaming(config, source, **kwargs)
 
 
 def plot_history(history: Mapping[str, Sequence[float]], path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from tfrec_recall._atomic import atomic_directory
 from tfrec_recall.config import RunConfig
 from tfrec_recall.data.schema import USER_ID
 from tfrec_recall.data.split import Split
+from tfrec_recall.data.streaming import StreamingSplit
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, embed_queries
 from tfrec_recall.features import FeatureSpec, feature_arrays
 from tfrec_recall.training.fit import TrainResult, plot_history
@@ -42,16 +43,28 @@ def sample_request(split: Split, specs: Sequence[FeatureSpec], rows: int = 2) ->
     """Raw query features of the first ``rows`` validation users (training users when there is no validation
     split), as JSON-ready lists: a ready-made request for smoke tests of an export. Inputs the model fills in
     at serving time (the example age) are left out, as the serving signature leaves them out."""
+    specs = [s for s in specs if s.serving_default is None]
+    if isinstance(split, StreamingSplit):
+        return _streamed_request(split, specs, rows)
     frame = split.valid if len(split.valid) else split.train
-    arrays = feature_arrays(frame.head(rows), split.data, [s for s in specs if s.serving_default is None])
+    arrays = feature_arrays(frame.head(rows), split.data, specs)
     return {name: np.asarray(a).tolist() for name, a in arrays.items()}
+
+
+def _streamed_request(source: StreamingSplit, specs: Sequence[FeatureSpec], rows: int) -> Dict[str, list]:
+    from tfrec_recall.data.streaming import examples_dataset
+    batch = next(iter(examples_dataset(source.valid_files, {s.name: s.width for s in specs}, rows)))
+    decoded = {name: np.char.decode(v.numpy().astype(bytes), "utf-8") if v.dtype == tf.string else v.numpy()
+               for name, v in batch.items()}
+    return {name: a.tolist() for name, a in decoded.items()}
 
 
 LOGS_DIR = "logs"
 
 
-def save_run(result: TrainResult, split: Split, out_dir, config: RunConfig, dataset_args: Mapping[str, Any],
-             log_dir: Optional[str] = None, strategy: Optional[tf.distribute.Strategy] = None) -> str:
+def save_run(result: TrainResult, split: Union[Split, StreamingSplit], out_dir, config: RunConfig,
+             dataset_args: Mapping[str, Any], log_dir: Optional[str] = None,
+             strategy: Optional[tf.distribute.Strategy] = None) -> str:
     """Writes the model directory (a local path or a URI) atomically: everything goes to a temporary sibling,
     moved into place at the end (``config.yaml``, which ``load_run`` looks for first, written last).
     ``log_dir`` (the TensorBoard directory given to ``train``) is moved into the run as ``logs/``.
@@ -98,8 +111,12 @@ def _write_models(model, split: Split, directory: str) -> None:
     tf.train.Checkpoint(model=model).write(storage.join(directory, "checkpoint", "ckpt"))
     model.query_tower.save(storage.join(directory, "query_tower"), save_format="tf", include_optimizer=False)
     model.candidate_tower.save(storage.join(directory, "candidate_tower"), save_format="tf", include_optimizer=False)
-    items = split.data.items
-    embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
+    if isinstance(split, StreamingSplit):
+        from tfrec_recall.training.streaming import corpus_embeddings
+        items, embeddings = corpus_embeddings(model, split)
+    else:
+        items = split.data.items
+        embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
     storage.save_npz(storage.join(directory, "candidates.npz"), ids=items.astype(str), embeddings=embeddings,
                      **_save_structure(model, items.astype(str), storage.join(directory, STRUCTURE_DIR)))
 

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-# Pipeline examples carry ids and history only (no side-feature tables), so the presets run without them.
+# Pipeline examples carry ids and history only (no side-feature tables), so the presets run without them (and
+# so they stream).
 PIPELINE_OVERRIDES = {"use_side_features": False}
 
 
@@ -38,20 +39,44 @@ def examples_uri(files: Sequence[str]) -> str:
     return os.path.dirname(split_dir)
 
 
+def training_input(config, examples: str, vocabulary_dir: str):
+    """What the Trainer trains on: a :class:`~tfrec_recall.data.streaming.StreamingSplit` over the split examples,
+    with vocabularies and item counts written by the Beam jobs into ``vocabulary_dir``, when ``config`` streams
+    (:func:`~tfrec_recall.training.streaming.require_streamable`); otherwise the split read into memory (logged
+    with the reason)."""
+    from tfrec_recall.config import ConfigError
+    from tfrec_recall.data.protocol import read_split_examples
+    from tfrec_recall.data.streaming import StreamingSplit, write_vocabularies
+    from tfrec_recall.training.streaming import require_streamable
+    try:
+        require_streamable(config)
+    except ConfigError as reason:
+        logger.warning("training in memory (the split is read whole): %s", reason)
+        return read_split_examples(examples, config.history_length)
+    write_vocabularies(examples, vocabulary_dir)
+    return StreamingSplit.from_examples(examples, vocabulary_dir, config.history_length)
+
+
 def run_fn(fn_args) -> None:
     """TFX Trainer entry point (``Trainer(run_fn="tfrec_recall.training.tfx_trainer.run_fn")``).
 
-    Reads the protocol splits the pipeline wrote, builds the model from ``custom_config`` (a preset plus
-    overrides), fits it (``train_args.num_steps``, when set, caps training at that many batches) and writes the
-    run directory (both towers as SavedModels, candidate embeddings, metrics and plots) into
+    Builds the model from ``custom_config`` (a preset plus overrides) and fits it on the protocol splits the
+    pipeline wrote: streamed through the Trainer's TFXIO ``DataAccessor`` with Beam-computed vocabulary files
+    (kept in ``fn_args.model_run_dir``) when the configuration streams, else read into memory
+    (:func:`training_input`). ``train_args.num_steps``, when set, caps training at that many batches. Writes
+    the run directory (both towers as SavedModels, candidate embeddings, metrics and plots) into
     ``fn_args.serving_model_dir``."""
-    from tfrec_recall.data.protocol import read_split_examples
+    from tfrec_recall import storage
+    from tfrec_recall.data.streaming import StreamingSplit
     from tfrec_recall.training import save_run, train
     config = trainer_config(fn_args.custom_config)
     uri = examples_uri(list(fn_args.train_files))
-    split = read_split_examples(uri, config.history_length)
-    logger.info("training on %s", split.describe())
+    data = training_input(config, uri, storage.join(fn_args.model_run_dir, "vocabularies"))
+    logger.info("training on %s", data.describe())
     evaluate_every = int((fn_args.custom_config or {}).get("evaluate_every", 1))
-    result = train(config, split, evaluate_every=evaluate_every, verbose=2, max_steps=fn_args.train_steps)
-    save_run(result, split, fn_args.serving_model_dir, config, {"source": "tfx_examples", "examples": uri})
+    kwargs = {}
+    if isinstance(data, StreamingSplit) and getattr(fn_args, "data_accessor", None) is not None:
+        kwargs["dataset_factory"] = fn_args.data_accessor.tf_dataset_factory
+    result = train(config, data, evaluate_every=evaluate_every, verbose=2, max_steps=fn_args.train_steps, **kwargs)
+    save_run(result, data, fn_args.serving_model_dir, config, {"source": "tfx_examples", "examples": uri})
     logger.info("test metrics: %s", result.metrics)

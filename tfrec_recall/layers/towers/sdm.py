@@ -87,15 +87,16 @@ class SDMTower(MLPTower):
 
     def _build_side(self, history, item_side: Mapping[str, Sequence[str]]) -> None:
         """Per side feature: the code of each history vocabulary item (0: unknown) and an embedding table."""
-        if item_side and history.vocabulary is None:
+        if item_side and not history.has_vocabulary:
             raise ValueError("item_side needs a history with a vocabulary (a hashed history has no item list)")
         self.item_side = {}
         self._side_codes, self.side_embeddings = {}, {}
+        tokens = history.vocabulary_tokens() if item_side else ()
         for name, values in item_side.items():
             values = tuple("" if v is None else str(v) for v in values)
-            if len(values) != len(history.vocabulary):
+            if len(values) != len(tokens):
                 raise ValueError(f"item_side[{name!r}] has {len(values)} values but the history vocabulary has "
-                                 f"{len(history.vocabulary)} items: one value per item, in vocabulary order")
+                                 f"{len(tokens)} items: one value per item, in vocabulary order")
             labels = sorted({v for v in values if v})
             code = {v: i + 1 for i, v in enumerate(labels)}
             self.item_side[name] = values
@@ -103,7 +104,7 @@ class SDMTower(MLPTower):
             self._side_codes[name] = tf.constant([0] + [code.get(v, 0) for v in values], tf.int64)
             self.side_embeddings[name] = tf.keras.layers.Embedding(len(labels) + 1, self.side_embedding_dim,
                                                                    name=f"{name}_side_embedding")
-        self.item_lookup = tf.keras.layers.StringLookup(vocabulary=list(history.vocabulary), num_oov_indices=1,
+        self.item_lookup = tf.keras.layers.StringLookup(vocabulary=history.lookup_vocabulary(), num_oov_indices=1,
                                                         name="item_side_lookup") if item_side else None
 
     @property
@@ -185,7 +186,7 @@ class SDMTower(MLPTower):
         if split.train_times is None or HISTORY_TIMES not in split.train.columns:
             raise ConfigError("config key 'query_tower': sdm reads the history's timestamps (history_times), which "
                               "this split does not carry (the TFX pipeline's examples have none yet), got 'sdm'")
-        extra = {"item_side": item_side_values(split.data, history.vocabulary) if config.use_side_features else {}}
+        extra = {"item_side": item_side_values(split.data, history.vocabulary_tokens()) if config.use_side_features else {}}
         return list(specs) + [SequenceTimesFeature(HISTORY_TIMES, max_len=history.width)], extra
 
 

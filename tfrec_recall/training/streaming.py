@@ -1,0 +1,228 @@
+"""Training and evaluation from a :class:`~tfrec_recall.data.streaming.StreamingSplit`: the model's lookups read
+the Beam-written vocabulary files by path, training batches stream from the split's record files through TFXIO,
+and evaluation streams the validation / test examples (each carries its user's training items to exclude).
+
+What needs whole tables in memory is refused with a ``ConfigError`` naming the key: side features, the example
+age, towers that read more than the id and history inputs (SDM), category alignment, contrastive learning,
+distillation and Deep Retrieval. Ids, history, logQ, in-batch / mixed / global negatives and DAT on the ids
+stream.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfrec_recall._validation import require_positive_int
+from tfrec_recall.config import ConfigError, RunConfig
+from tfrec_recall.data.protocol import EXCLUDE
+from tfrec_recall.data.schema import ITEM_ID, USER_ID
+from tfrec_recall.data.streaming import RAGGED, DatasetFactory, StreamingSplit, examples_dataset
+from tfrec_recall.evaluation.evaluate import embed, evaluate
+from tfrec_recall.features import FeatureSpec, IdFeature, SequenceFeature
+from tfrec_recall.features.specs import HISTORY
+from tfrec_recall.layers.towers import tower_class
+from tfrec_recall.layers.towers.base import Tower
+from tfrec_recall.models.two_tower import TwoTower
+from tfrec_recall.training.auxiliary import auxiliary_losses
+from tfrec_recall.training.build import assemble_model, make_optimizer, set_seed, tower
+from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
+from tfrec_recall.training.fit import TrainResult, _scope
+
+# config key -> the value that streams (what the other values need is held in memory)
+_STREAMABLE = {"use_side_features": False, "example_age": False, "category_alignment_weight": 0.0,
+               "contrastive_weight": 0.0, "distillation_weight": 0.0, "deep_retrieval": False}
+
+
+def require_streamable(config: RunConfig) -> None:
+    """``ConfigError`` naming the first key whose value needs the whole data in memory (module docstring)."""
+    for key, value in _STREAMABLE.items():
+        if getattr(config, key) != value:
+            raise ConfigError(f"config key {key!r}: streaming input supports only {value!r} (it needs tables "
+                              f"held in memory), got {getattr(config, key)!r}")
+    for key in ("query_tower", "candidate_tower"):
+        if tower_class(getattr(config, key)).from_split.__func__ is not Tower.from_split.__func__:
+            raise ConfigError(f"config key {key!r}: {getattr(config, key)!r} reads inputs beyond ids and history "
+                              "from the in-memory split; it does not stream yet")
+    for key, entity in (("dat_query_feature", USER_ID), ("dat_candidate_feature", ITEM_ID)):
+        if config.dat and getattr(config, key) != entity:
+            raise ConfigError(f"config key {key!r}: streaming DAT augments the id ({entity!r}), got "
+                              f"{getattr(config, key)!r}")
+
+
+def streaming_specs(config: RunConfig, source: StreamingSplit) -> Dict[str, List[FeatureSpec]]:
+    """The feature specs of ``specs_from_split`` for ids and history, with vocabularies read from the
+    source's files (the same tokens in the same order as the in-memory vocabularies of the training rows)."""
+    items = source.vocabulary_file(ITEM_ID)
+    query: List[FeatureSpec] = []
+    if config.use_user_id:
+        query.append(IdFeature(USER_ID, config.embedding_dim, vocabulary_file=source.vocabulary_file(USER_ID)))
+    if config.use_history:
+        query.append(SequenceFeature(HISTORY, config.embedding_dim, vocabulary_file=items,
+                                     max_len=config.history_length or source.history_length,
+                                     pooling=config.pooling))
+    return {"query": query, "candidate": [IdFeature(ITEM_ID, config.embedding_dim, vocabulary_file=items)]}
+
+
+def _augment(config: RunConfig, source: StreamingSplit, entity: str) -> Optional[IdFeature]:
+    if not config.dat:
+        return None
+    return IdFeature(entity, config.output_dim, vocabulary_file=source.vocabulary_file(entity))
+
+
+def build_streaming_model(config: RunConfig, source: StreamingSplit) -> TwoTower:
+    """The model of ``config`` over the source's vocabulary files (refuses what does not stream)."""
+    require_streamable(config)
+    specs = streaming_specs(config, source)
+    query = tower(config.query_tower, specs["query"], config, "query_tower", _augment(config, source, USER_ID))
+    candidate = tower(config.candidate_tower, specs["candidate"], config, "candidate_tower",
+                      _augment(config, source, ITEM_ID))
+    corpus, counts = None, None
+    if config.negatives in ("mixed", "global"):
+        ids = source.corpus()
+        trained, trained_counts = source.item_counts()
+        by_id = dict(zip(trained, trained_counts))
+        corpus, counts = {ITEM_ID: ids}, np.asarray([by_id.get(i, 0) for i in ids], dtype=np.float64)
+    # only DAT's losses remain possible here (require_streamable refused the ones that read the split)
+    return assemble_model(config, query, candidate, corpus=corpus, counts=counts,
+                          auxiliary=auxiliary_losses(config, None, query, candidate))
+
+
+def _widths(specs: Sequence[FeatureSpec]) -> Dict[str, Optional[int]]:
+    return {spec.name: spec.width for spec in specs}
+
+
+def training_dataset(model: TwoTower, config: RunConfig, source: StreamingSplit, *, max_steps: Optional[int] = None,
+                     strategy=None, shuffle_buffer: int = 100_000,
+                     dataset_factory: Optional[DatasetFactory] = None) -> tf.data.Dataset:
+    """The shuffled training batches of the model's training features, streamed from the train files. Under a
+    strategy: whole global batches, sharded by DATA (as the in-memory path)."""
+    widths = _widths(model.training_feature_specs())
+    if model.weight_feature is not None:
+        widths[model.weight_feature] = None
+    dataset = examples_dataset(source.train_files, widths, config.batch_size, shuffle=True, seed=config.seed,
+                               shuffle_buffer=shuffle_buffer, num_epochs=None if max_steps else 1,
+                               drop_remainder=strategy is not None, dataset_factory=dataset_factory)
+    if strategy is not None:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        dataset = dataset.with_options(options)
+    return dataset.take(max_steps) if max_steps else dataset
+
+
+def _query_rows(model: TwoTower, source: StreamingSplit, which: str, max_users: Optional[int],
+                batch_size: int = 4096) -> Dict[str, np.ndarray]:
+    """The ``which`` examples' query inputs, item ids and exclusions (lists of ids), read by batch; the first
+    ``max_users`` examples (one per user) when given."""
+    widths = {**_widths(model.query_tower.serving_specs), ITEM_ID: None, EXCLUDE: RAGGED}
+    parts: Dict[str, list] = {name: [] for name in widths}
+    seen = 0
+    for batch in examples_dataset(source.files(which), widths, batch_size):
+        for name, value in batch.items():
+            parts[name].append(_id_rows(value) if name == EXCLUDE else value.numpy())
+        seen += int(batch[ITEM_ID].shape[0])
+        if max_users is not None and seen >= max_users:
+            break
+    if not seen:
+        raise ValueError(f"the {which} files of the streaming split hold no example: {source.files(which)[:3]}")
+    return {name: _object_rows(values)[:max_users] for name, values in parts.items()}
+
+
+def _id_rows(ragged: tf.RaggedTensor) -> np.ndarray:
+    """A ragged batch of byte-string ids as a 1-D object array of lists of str."""
+    out = np.empty(int(ragged.nrows()), dtype=object)
+    for i, row in enumerate(ragged.to_list()):  # element by element: equal-length rows must not become 2-D
+        out[i] = [v.decode("utf-8") for v in row]
+    return out
+
+
+def _object_rows(values: List[np.ndarray]) -> np.ndarray:
+    return np.concatenate(values)  # 1-D object arrays of lists stay one list per row
+
+
+def corpus_embeddings(model: TwoTower, source: StreamingSplit):
+    """(corpus ids, their candidate embeddings): every item of the three splits through the candidate tower."""
+    names = [spec.name for spec in model.candidate_tower.input_specs]
+    if names != [ITEM_ID]:
+        raise ValueError(f"streaming evaluation embeds the corpus from item ids alone; the candidate tower reads "
+                         f"{names}")
+    ids = source.corpus()
+    return ids.astype(str), embed(model.candidate_tower, {ITEM_ID: ids})
+
+
+def evaluate_streaming(model: TwoTower, source: StreamingSplit, which: str = "test",
+                       ks: Sequence[int] = (10, 50, 100), *, max_users: Optional[int] = None,
+                       retriever=None) -> Dict[str, float]:
+    """PROTOCOL.md metrics of ``model`` on the source's ``which`` ("valid" / "test") examples: one query per
+    user, its held-out item the positive, its training items (the examples' ``exclude``) removed, ranked over
+    the corpus; the same numbers as :func:`~tfrec_recall.evaluation.evaluate.evaluate` on the in-memory split.
+    ``max_users``: only the first that many users (a cheaper validation signal between epochs)."""
+    if which not in ("valid", "test"):
+        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
+    if max_users is not None:
+        require_positive_int("max_users", max_users)
+    rows = _query_rows(model, source, which, max_users)
+    return evaluate(model, rows, ks=ks, label_column=ITEM_ID, exclude_column=EXCLUDE,
+                    candidates=corpus_embeddings(model, source), retriever=retriever)
+
+
+def _callbacks(model, config: RunConfig, source: StreamingSplit, evaluate_every: int,
+               max_eval_users: Optional[int]) -> list:
+    """Validation every ``evaluate_every`` epochs (0: never) and early stopping as in ``train``."""
+    if not evaluate_every:
+        return []
+    keys = sorted({f"HR@{k}" for k in config.ks} | {f"NDCG@{config.ks[0]}", config.selection_metric})
+    out = [RetrievalEvaluation(lambda: evaluate_streaming(model, source, "valid", config.ks,
+                                                          max_users=max_eval_users), every=evaluate_every, keys=keys)]
+    if config.patience:
+        out.append(tf.keras.callbacks.EarlyStopping(monitor="val_" + config.selection_metric, mode="max",
+                                                    patience=config.patience, restore_best_weights=True))
+    return out
+
+
+def _compiled(config: RunConfig, source: StreamingSplit, strategy) -> TwoTower:
+    if strategy is not None and config.batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(f"batch_size (the global batch) must be a multiple of the strategy's "
+                         f"{strategy.num_replicas_in_sync} replicas, got {config.batch_size}")
+    with _scope(strategy):
+        model = build_streaming_model(config, source)
+        model.compile(optimizer=make_optimizer(config))
+    if strategy is not None:
+        model.distribute_reduction_method = "first"  # as in training.fit: the logged values are global already
+    return model
+
+
+def train_streaming(config: RunConfig, source: StreamingSplit, *, evaluate_every: int = 1, verbose: int = 1,
+                    callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
+                    strategy: Optional[tf.distribute.Strategy] = None, shuffle_buffer: int = 100_000,
+                    max_eval_users: Optional[int] = None, evaluate_test: bool = True,
+                    dataset_factory: Optional[DatasetFactory] = None) -> TrainResult:
+    """Fits ``config``'s model on the source's training files, streamed (``shuffle_buffer`` records shuffled at a
+    time), as :func:`~tfrec_recall.training.fit.train` does on an in-memory split: validation every
+    ``evaluate_every`` epochs (on the first ``max_eval_users`` users when given), early stopping with best-epoch
+    restore, a guard against non-finite losses, ``max_steps`` batches as one epoch. Returns validation and test
+    metrics of the returned model (test only with ``evaluate_test``; both on every user) and indexes the
+    corpus, so ``result.model.recommend`` answers. ``dataset_factory``: a TFX Trainer's
+    ``data_accessor.tf_dataset_factory``."""
+    if max_steps is not None:
+        require_positive_int("max_steps", max_steps)
+    set_seed(config.seed)
+    model = _compiled(config, source, strategy)
+    dataset = training_dataset(model, config, source, max_steps=max_steps, strategy=strategy,
+                               shuffle_buffer=shuffle_buffer, dataset_factory=dataset_factory)
+    selection = _callbacks(model, config, source, evaluate_every, max_eval_users)
+    stopper = next((c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)), None)
+    guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
+    start = time.perf_counter()
+    history = model.fit(dataset, epochs=config.epochs if max_steps is None else 1, verbose=verbose,
+                        callbacks=[guard, *selection, *callbacks]).history
+    seconds = time.perf_counter() - start
+    best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else None
+    valid = evaluate_streaming(model, source, "valid", config.ks) if evaluate_every else {}
+    test = evaluate_streaming(model, source, "test", config.ks) if evaluate_test else {}
+    ids, embeddings = corpus_embeddings(model, source)
+    model.index_candidates(ids, embeddings, index="brute_force", max_k=100)
+    return TrainResult(model, {k: [float(x) for x in v] for k, v in history.items()}, test, seconds, valid,
+                       best_epoch)
