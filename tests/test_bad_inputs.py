@@ -98,6 +98,9 @@ def test_splits_need_two_users_and_a_user_with_three_interactions():
 # The CLI
 
 def test_a_yaml_history_length_is_not_overridden_by_the_flag_default(tmp_path, monkeypatch, capsys):
+    from tests.test_cli import _small_synthetic
+    # The dataset only has to reach the split: a small one instead of the CLI's default synthetic size.
+    monkeypatch.setattr("tfrec_recall.data.registry.make_synthetic", _small_synthetic)
     seen = []
 
     def stop(data, split, history_length, seed):
@@ -143,11 +146,22 @@ def test_library_start_up_noise_only_with_verbose(tmp_path):
     google.api_core's FutureWarning appear with it (the command imports TensorFlow before failing)."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
-    def run(*extra):
+    def start(*extra):
         command = [sys.executable, "-m", "tfrec_recall.cli", "evaluate", "--model-dir", str(tmp_path), *extra]
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
-    quiet, verbose = run(), run("--verbose")
+    def finish(process):
+        _, stderr = process.communicate(timeout=300)
+        return subprocess.CompletedProcess(process.args, process.returncode, stderr=stderr)
+
+    # Two fresh processes (the log level is read when TensorFlow loads), started together to overlap their imports.
+    started = start(), start("--verbose")
+    try:
+        quiet, verbose = (finish(process) for process in started)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
     assert quiet.returncode == verbose.returncode == 2
     assert quiet.stderr.strip().splitlines() == [f"tfrec-recall evaluate: error: --model-dir {str(tmp_path)!r} has "
                                                  "no config.yaml: not a directory written by `tfrec-recall train`"]
