@@ -70,10 +70,18 @@ def _em_callbacks(model, config: RunConfig, split: Split, arrays) -> list:
 def _selection_callbacks(model, config: RunConfig, split: Split, evaluate_every: int) -> list:
     """Validation metrics every ``evaluate_every`` epochs and, with ``config.patience`` > 0, early stopping
     on ``config.selection_metric`` with the best epoch's weights restored."""
-    if not evaluate_every or not len(split.valid):
+    if not len(split.valid):
+        return []
+    return selection_callbacks(config, lambda: _evaluate(model, config, split, "valid"), evaluate_every)
+
+
+def selection_callbacks(config: RunConfig, evaluate_fn, evaluate_every: int) -> list:
+    """``evaluate_fn()`` (validation metrics) every ``evaluate_every`` epochs (0: never) and early stopping on
+    ``config.selection_metric``, shared by the in-memory and the streamed paths."""
+    if not evaluate_every:
         return []
     keys = sorted({f"HR@{k}" for k in config.ks} | {f"NDCG@{config.ks[0]}", config.selection_metric})
-    out = [RetrievalEvaluation(lambda: _evaluate(model, config, split, "valid"), every=evaluate_every, keys=keys)]
+    out = [RetrievalEvaluation(evaluate_fn, every=evaluate_every, keys=keys)]
     if config.patience:
         out.append(tf.keras.callbacks.EarlyStopping(monitor="val_" + config.selection_metric, mode="max",
                                                     patience=config.patience, restore_best_weights=True))
@@ -128,11 +136,17 @@ def _training_dataset(arrays, config: RunConfig, max_steps: Optional[int], strat
     each global batch, so the workers train on different rows."""
     dataset = make_dataset(arrays, config.batch_size, shuffle=True, seed=config.seed, repeat=max_steps is not None,
                            drop_remainder=strategy is not None)
-    if strategy is not None:
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        dataset = dataset.with_options(options)
+    dataset = sharded_by_data(dataset, strategy)
     return dataset.take(max_steps) if max_steps is not None else dataset
+
+
+def sharded_by_data(dataset: tf.data.Dataset, strategy) -> tf.data.Dataset:
+    """Under a strategy, ``dataset`` sharded by DATA (every worker keeps its part of each global batch)."""
+    if strategy is None:
+        return dataset
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def _resume_state(config: RunConfig, split: Split, resume_dir, stopper, strategy) -> Optional[ResumeState]:

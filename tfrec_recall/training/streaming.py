@@ -28,8 +28,8 @@ from tfrec_recall.layers.towers.base import Tower
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.auxiliary import auxiliary_losses
 from tfrec_recall.training.build import assemble_model, make_optimizer, set_seed, tower
-from tfrec_recall.training.callbacks import RetrievalEvaluation, StopOnNonFiniteLoss
-from tfrec_recall.training.fit import TrainResult, _scope
+from tfrec_recall.training.callbacks import StopOnNonFiniteLoss
+from tfrec_recall.training.fit import TrainResult, _scope, selection_callbacks, sharded_by_data
 
 # config key -> the value that streams (what the other values need is held in memory)
 _STREAMABLE = {"use_side_features": False, "example_age": False, "category_alignment_weight": 0.0,
@@ -105,10 +105,7 @@ def training_dataset(model: TwoTower, config: RunConfig, source: StreamingSplit,
     dataset = examples_dataset(source.train_files, widths, config.batch_size, shuffle=True, seed=config.seed,
                                shuffle_buffer=shuffle_buffer, num_epochs=None if max_steps else 1,
                                drop_remainder=strategy is not None, dataset_factory=dataset_factory)
-    if strategy is not None:
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        dataset = dataset.with_options(options)
+    dataset = sharded_by_data(dataset, strategy)
     return dataset.take(max_steps) if max_steps else dataset
 
 
@@ -170,16 +167,9 @@ def evaluate_streaming(model: TwoTower, source: StreamingSplit, which: str = "te
 
 def _callbacks(model, config: RunConfig, source: StreamingSplit, evaluate_every: int,
                max_eval_users: Optional[int]) -> list:
-    """Validation every ``evaluate_every`` epochs (0: never) and early stopping as in ``train``."""
-    if not evaluate_every:
-        return []
-    keys = sorted({f"HR@{k}" for k in config.ks} | {f"NDCG@{config.ks[0]}", config.selection_metric})
-    out = [RetrievalEvaluation(lambda: evaluate_streaming(model, source, "valid", config.ks,
-                                                          max_users=max_eval_users), every=evaluate_every, keys=keys)]
-    if config.patience:
-        out.append(tf.keras.callbacks.EarlyStopping(monitor="val_" + config.selection_metric, mode="max",
-                                                    patience=config.patience, restore_best_weights=True))
-    return out
+    """Validation every ``evaluate_every`` epochs (0: never) and early stopping, as in ``train``."""
+    return selection_callbacks(config, lambda: evaluate_streaming(model, source, "valid", config.ks,
+                                                                  max_users=max_eval_users), evaluate_every)
 
 
 def _compiled(config: RunConfig, source: StreamingSplit, strategy) -> TwoTower:
