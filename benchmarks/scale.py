@@ -90,7 +90,7 @@ def prepare(size: int, scratch: Path) -> Dict:
     split = leave_last_out(data, history_length=HISTORY_LENGTH)
     seconds["split"], start = time.perf_counter() - start, time.perf_counter()
     examples = scratch / f"examples-{size}"
-    write_split_examples(split, str(examples), num_shards=8)
+    write_split_examples(split, str(examples), num_shards=8, side_features=False)  # ids and history only
     seconds["write_examples"], start = time.perf_counter() - start, time.perf_counter()
     _write_tables(split, scratch / f"vocabularies-{size}")
     seconds["write_tables"] = time.perf_counter() - start

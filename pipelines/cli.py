@@ -48,6 +48,11 @@ def _common(parser) -> None:
     parser.add_argument("--id-type", choices=("string", "int"), default=None,
                         help="type of user/item ids in the input (default: string; int for ml-100k)")
     parser.add_argument("--schema", help="a TFDV schema .pbtxt replacing the packaged interaction schema")
+    parser.add_argument("--side-features", metavar="JSON_FILE",
+                        help='the side-feature columns of the tables: {"user": [[NAME, KIND], ...], "item": [...]}, '
+                             "KIND categorical, multi_categorical or numeric (built-in data brings its own)")
+    parser.add_argument("--user-features", metavar="DIR", help="a directory of the user table's gzipped TFRecords")
+    parser.add_argument("--item-features", metavar="DIR", help="a directory of the item table's gzipped TFRecords")
     parser.add_argument("--model", default=DEFAULT_PRESET, help="configuration preset")
     parser.add_argument("--config", help="YAML file overriding the preset's configuration keys")
     parser.add_argument("--epochs", type=int, help="override the configuration's epochs")
@@ -95,16 +100,75 @@ def _config_overrides(args) -> Dict:
     return overrides
 
 
+def _tables_dir(pipeline_root: str, name: str) -> str:
+    return storage.join(pipeline_root, "data", f"{name}-tables")
+
+
+def _write_tables(data, directory: str) -> None:
+    """The data's side tables as table examples under ``directory`` (``users/``, ``items/``), each file only
+    when absent, and ``side_features.json`` last."""
+    from tfrec_recall._atomic import atomic_new_file
+    from tfrec_recall.data.side_tables import SIDE_FEATURES_FILE, SideFeatures, write_feature_table
+    side = SideFeatures.of_data(data)
+    for entity, table in (("user", data.user_features), ("item", data.item_features)):
+        path = storage.join(directory, f"{entity}s", f"{entity}s.tfrecord.gz")
+        if getattr(side, entity) and not storage.exists(path):
+            write_feature_table(table, entity, getattr(side, entity), path)
+    if not storage.exists(storage.join(directory, SIDE_FEATURES_FILE)):  # also for data without tables: once
+        with atomic_new_file(storage.join(directory, SIDE_FEATURES_FILE)) as tmp:
+            storage.write_text(tmp, side.to_json())
+
+
 def materialise(name: str, pipeline_root: str, data_dir=None) -> str:
-    """Writes a built-in dataset as the pipeline's input CSV under ``<pipeline_root>/data/<name>/`` once
-    (later runs reuse the file, so ExampleGen's cache holds) and returns that directory."""
+    """Writes a built-in dataset as the pipeline's input CSV under ``<pipeline_root>/data/<name>/``, and its side
+    tables under ``<pipeline_root>/data/<name>-tables/``, once (later runs reuse the files, so ExampleGen's cache
+    holds) and returns the CSV's directory."""
     from tfrec_recall.data.protocol import write_interactions_csv
     from tfrec_recall.data.registry import load_dataset
     target = storage.join(pipeline_root, "data", name)
-    if not storage.exists(storage.join(target, "interactions.csv")):
+    from tfrec_recall.data.side_tables import SIDE_FEATURES_FILE
+    csv, tables = storage.join(target, "interactions.csv"), _tables_dir(pipeline_root, name)
+    if not storage.exists(csv) or not storage.exists(storage.join(tables, SIDE_FEATURES_FILE)):
         data = load_dataset(name, data_dir)
-        write_interactions_csv(data, storage.join(target, "interactions.csv"))
+        _write_tables(data, tables)
+        if not storage.exists(csv):
+            write_interactions_csv(data, csv)
     return target
+
+
+def builtin_side_inputs(name: str, pipeline_root: str) -> dict:
+    """create_pipeline's side_features / user_features_root / item_features_root for a built-in dataset
+    :func:`materialise` wrote under ``pipeline_root`` (``{}`` when it has no side tables)."""
+    from tfrec_recall.data.side_tables import SIDE_FEATURES_FILE, SideFeatures
+    directory = _tables_dir(pipeline_root, name)
+    declared = storage.join(directory, SIDE_FEATURES_FILE)
+    side = SideFeatures.from_json(storage.read_text(declared), declared) if storage.exists(declared) else None
+    if not side:
+        return {}
+    return {"side_features": side,
+            "user_features_root": storage.join(directory, "users") if side.user else None,
+            "item_features_root": storage.join(directory, "items") if side.item else None}
+
+
+def _side_inputs(args) -> dict:
+    """create_pipeline's side-feature arguments: a built-in dataset's tables, or the --side-features,
+    --user-features and --item-features flags."""
+    from tfrec_recall.data.side_tables import SideFeatures
+    flags = (("--side-features", args.side_features), ("--user-features", args.user_features),
+             ("--item-features", args.item_features))
+    if args.data in BUILTIN_DATA:
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: --data {args.data} brings its own side tables; these flags are "
+                             "for your own data")
+        return builtin_side_inputs(args.data, args.pipeline_root)
+    if args.side_features is None:
+        for flag, value in flags[1:]:
+            if value is not None:
+                raise ValueError(f"{flag} {value!r} needs --side-features, the columns and kinds of the tables")
+        return {}
+    return {"side_features": SideFeatures.from_json(storage.read_text(args.side_features), args.side_features),
+            "user_features_root": args.user_features, "item_features_root": args.item_features}
 
 
 def _build(args, metadata: bool):
@@ -124,7 +188,7 @@ def _build(args, metadata: bool):
         pipeline_name=args.pipeline_name, pipeline_root=args.pipeline_root, data_root=data,
         serving_dir=args.serving_dir, data_format=args.data_format, id_type=id_type or "string",
         schema_file=args.schema, history_length=args.history_length, preset=args.model,
-        config=_config_overrides(args), train_steps=args.train_steps,
+        config=_config_overrides(args), train_steps=args.train_steps, **_side_inputs(args),
         thresholds=dict(args.threshold) if args.threshold else None, margin=args.margin,
         popularity_margin=args.popularity_margin, index=args.index,
         k=args.k, enable_cache=not getattr(args, "no_cache", False),

@@ -8,6 +8,9 @@ and record results in ML Metadata.
   columns the schema does not name ("New column" only): those are dropped, named in a warning and in the
   ``dropped_columns`` property of ``split_examples``. Then splits the validated interactions by PROTOCOL.md
   with causal history in a Beam transform -> train / eval / test.
+* ``JoinSideFeatures``: the split examples joined with the user and item side-feature tables (each an
+  ImportExampleGen output) in Beam (``tfrec_recall.data.side_jobs``): every example with its user's and item's
+  columns, plus a ``corpus`` split (each corpus item with its columns) and ``side_features.json``.
 * ``RetrievalEvaluator``: full-corpus HR@K, Recall@K, NDCG@K and coverage of the trained model on the eval and test
   splits, of the most-popular ranker (``tfrec_recall.evaluation.baselines``) on the same rows, and of the latest blessed
   model when the Resolver found one, on the same data. Blesses only when the model's HR@50 beats the most-popular
@@ -128,6 +131,30 @@ def ProtocolSplit(examples: InputArtifact[Examples], anomalies: InputArtifact[Ex
         for name in SPLITS:
             prefix = os.path.join(artifact_utils.get_split_uri([split_examples], name), "data_tfrecord")
             _ = splits[name] | f"Write[{name}]" >> beam.io.WriteToTFRecord(prefix, file_name_suffix=".gz")
+
+
+def _table_files(examples) -> List[str]:
+    """The record files of every split of a side table's Examples artifact."""
+    if examples is None:
+        return []
+    return sorted(f for uri in _split_uris(examples).values() for f in tf.io.gfile.glob(os.path.join(uri, "*")))
+
+
+@tfx.dsl.components.component(use_beam=True)
+def JoinSideFeatures(split_examples: InputArtifact[Examples], joined_examples: OutputArtifact[Examples],
+                     user_features: InputArtifact[Examples] = None, item_features: InputArtifact[Examples] = None,
+                     side_features_json: Parameter[str] = "{}", num_shards: Parameter[int] = 4,
+                     beam_pipeline: BeamComponentParameter[beam.Pipeline] = None) -> None:
+    from tfrec_recall.data.side_jobs import add_join
+    from tfrec_recall.data.side_tables import CORPUS, SideFeatures, write_side_features_file
+    side = SideFeatures.from_json(side_features_json, "side_features_json")
+    joined_examples.split_names = artifact_utils.encode_split_names(list(SPLITS) + [CORPUS])
+    examples_utils.set_payload_format(joined_examples, example_gen_pb2.PayloadFormat.FORMAT_TF_EXAMPLE)
+    examples_utils.set_file_format(joined_examples, "tfrecords_gzip")
+    with beam_pipeline as pipeline:
+        add_join(pipeline, split_examples.uri, joined_examples.uri, side, user_files=_table_files(user_features),
+                 item_files=_table_files(item_features), num_shards=num_shards)
+    write_side_features_file(joined_examples.uri, side)
 
 
 @tfx.dsl.components.component

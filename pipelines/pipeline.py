@@ -4,6 +4,8 @@ and (only when blessed) pushed retrieval model.
     ExampleGen (CsvExampleGen | ImportExampleGen) -> StatisticsGen -> ImportSchemaGen -> ExampleValidator
       -> ProtocolSplit (Beam: leave-last-out + causal history; stops on anomalies, except input columns the
          schema does not name, which it drops and names in a warning)
+      [-> JoinSideFeatures (Beam: the user and item side-feature tables, each read by its own ImportExampleGen,
+          UserFeaturesGen / ItemFeaturesGen, joined onto the split examples; only when tables are given)]
       -> Trainer (run_fn = tfrec_recall.training.tfx_trainer.run_fn)
       -> RetrievalEvaluator (blesses a model that beats the most-popular ranker by ``popularity_margin`` HR@50
          and does not fall behind the latest blessed model, which the Resolver finds, by more than ``margin``)
@@ -30,7 +32,9 @@ from pipelines.pusher import Pusher
 from tfrec_recall.config import DEFAULT_PRESET
 from tfrec_recall.retrievers import index_names
 
-from pipelines.components import ExportInfraCheck, ProtocolSplit, RetrievalEvaluator, RetrievalExporter
+from pipelines.components import (ExportInfraCheck, JoinSideFeatures, ProtocolSplit, RetrievalEvaluator,
+                                  RetrievalExporter)
+from tfrec_recall.data.side_tables import SideFeatures
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema")
 DATA_FORMATS = ("csv", "tfrecord")
@@ -40,6 +44,8 @@ RAW_SPLIT = "interactions"
 COMPONENT_IDS = ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit", "Trainer",
                  "latest_blessed_model_resolver", "RetrievalEvaluator", "RetrievalExporter", "ExportInfraCheck",
                  "Pusher")
+SIDE_COMPONENT_IDS = {"user": "UserFeaturesGen", "item": "ItemFeaturesGen", "join": "JoinSideFeatures"}
+TABLE_SPLIT = "table"
 
 
 def default_schema(id_type: str) -> str:
@@ -75,9 +81,34 @@ def data_components(data_root: str, data_format: str, schema_file: str, history_
     return [example_gen, statistics, schema, validator, split]
 
 
+def side_feature_components(split, side_features: Optional[SideFeatures], user_features_root: Optional[str],
+                            item_features_root: Optional[str]) -> list:
+    """``[UserFeaturesGen?, ItemFeaturesGen?, JoinSideFeatures]`` over ``split``'s examples (an ImportExampleGen of
+    gzipped TFRecord table examples per table given; see ``tfrec_recall.data.side_tables``), or ``[]`` when
+    ``side_features`` declares no column. A table root is needed exactly when its entity has columns."""
+    side = side_features or SideFeatures()
+    for entity, root in (("user", user_features_root), ("item", item_features_root)):
+        columns = [name for name, _ in getattr(side, entity)]
+        _check(bool(columns) == (root is not None), f"{entity}_features_root", root,
+               f"must be given exactly when side_features declares {entity} columns (it declares {columns})")
+    if not side:
+        return []
+    one_split = tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[
+        tfx.proto.SplitConfig.Split(name=TABLE_SPLIT, hash_buckets=1)]))
+    tables = {entity: tfx.components.ImportExampleGen(input_base=root, output_config=one_split)
+              .with_id(SIDE_COMPONENT_IDS[entity])
+              for entity, root in (("user", user_features_root), ("item", item_features_root)) if root is not None}
+    join = JoinSideFeatures(split_examples=split.outputs["split_examples"], side_features_json=side.to_json(),
+                            **{f"{entity}_features": gen.outputs["examples"] for entity, gen in tables.items()}
+                            ).with_id(SIDE_COMPONENT_IDS["join"])
+    return [*tables.values(), join]
+
+
 def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, serving_dir: str,
                     data_format: str = "csv", id_type: str = "string", schema_file: Optional[str] = None,
                     history_length: int = 50, preset: str = DEFAULT_PRESET,
+                    side_features: Optional[SideFeatures] = None, user_features_root: Optional[str] = None,
+                    item_features_root: Optional[str] = None,
                     config: Optional[Mapping[str, Any]] = None, train_steps: Optional[int] = None,
                     thresholds: Optional[Mapping[str, float]] = None,
                     compare_metrics: Sequence[str] = ("HR@50", "NDCG@10"), margin: float = 0.01,
@@ -96,6 +127,10 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         ``tfrec-recall serve`` and TF Serving read.
       id_type: ``"string"`` or ``"int"`` ids in the input (selects the packaged schema); ``schema_file``
         replaces the packaged schema altogether.
+      side_features / user_features_root / item_features_root: the side-feature columns and kinds, and the
+        directories of the user and item tables (gzipped TFRecords of table examples, e.g. written by
+        ``tfrec_recall.data.side_tables.write_feature_table``), joined onto the split examples by
+        JoinSideFeatures; the model uses them when its preset does (and ``config`` does not turn them off).
       preset / config: a ``tfrec_recall.config`` preset and overrides of its keys (the Trainer's
         ``custom_config``); ``train_steps`` caps training at that many batches (TFX ``train_args.num_steps``).
       popularity_margin / thresholds / compare_metrics / margin: the blessing, on ``blessing_split``. The
@@ -129,9 +164,13 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     _check(preset in PRESETS, "preset", preset, f"must be one of {sorted(PRESETS)}")
     schema_file = schema_file or default_schema(id_type)
     thresholds = dict(thresholds or {})
-    overrides = {**dict(config or {}), "history_length": history_length}
-    _check(not overrides.get("use_side_features"), "config", {"use_side_features": True},
-           "is not supported: the pipeline's examples carry interactions only, no side-feature tables")
+    _check(side_features is None or isinstance(side_features, SideFeatures), "side_features", side_features,
+           "must be a tfrec_recall.data.side_tables.SideFeatures or None")
+    # without tables no preset may ask for side features; with them, the preset (and config) decide
+    overrides = {**({} if side_features else {"use_side_features": False}), **dict(config or {}),
+                 "history_length": history_length}
+    _check(not overrides.get("use_side_features") or bool(side_features), "config", {"use_side_features": True},
+           "needs side-feature tables: pass side_features and the user / item feature roots")
     try:  # validate the whole configuration now, not in the Trainer an hour later
         run_config = trainer_config({"preset": preset, "config": overrides})
     except ConfigError as error:
@@ -144,9 +183,10 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
            f"must include {POPULARITY_METRIC.split('@')[1]}: the popularity check compares {POPULARITY_METRIC}")
 
     data = data_components(data_root, data_format, schema_file, history_length)
-    split = data[-1]
+    data += side_feature_components(data[-1], side_features, user_features_root, item_features_root)
+    examples = data[-1].outputs["joined_examples" if side_features else "split_examples"]
     trainer = tfx.components.Trainer(
-        run_fn=RUN_FN, examples=split.outputs["split_examples"],
+        run_fn=RUN_FN, examples=examples,
         train_args=tfx.proto.TrainArgs(num_steps=train_steps or 0),
         eval_args=tfx.proto.EvalArgs(num_steps=0),
         custom_config={"preset": preset, "config": overrides})
@@ -156,7 +196,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
     ).with_id("latest_blessed_model_resolver")
     evaluator = RetrievalEvaluator(
-        examples=split.outputs["split_examples"], model=trainer.outputs["model"],
+        examples=examples, model=trainer.outputs["model"],
         baseline_model=resolver.outputs["model"], thresholds_json=json.dumps(thresholds, sort_keys=True),
         compare_metrics_json=json.dumps(list(compare_metrics)), margin=float(margin),
         popularity_margin=float(popularity_margin),

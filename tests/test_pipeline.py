@@ -17,17 +17,18 @@ from tfrec_recall.data.protocol import (EVAL, HISTORY, ROW_NUMBER, TEST, TRAIN, 
                                         write_interactions_tfrecord)
 from tfrec_recall.evaluation.baselines import evaluation_rows, most_popular_metrics  # noqa: E402
 from tfrec_recall.data.schema import InteractionData  # noqa: E402
+from tfrec_recall.data.side_tables import SideFeatures, write_feature_table  # noqa: E402
 from tfrec_recall.evaluation.blessing import evaluate_model, judge  # noqa: E402
 from tfrec_recall.training.tfx_trainer import trainer_config  # noqa: E402
 from tests.conftest import chance_hit_rate  # noqa: E402
 
-from pipelines.pipeline import COMPONENT_IDS, create_pipeline  # noqa: E402
+from pipelines.pipeline import COMPONENT_IDS, SIDE_COMPONENT_IDS, create_pipeline  # noqa: E402
 from pipelines.runners import compile_kubeflow_v2, executions, metadata_path  # noqa: E402
 
 # A small pipeline model: at most 4 epochs of a narrow YouTubeDNN (about 20 s of training here). Measured on
-# small_data's validation split: HR@50 0.56 / 0.64 / 0.72 / 0.75 after epochs 1-4, against 0.561 for the
-# most-popular ranker, so the model clears the popularity gate (0.561 + 0.02) by a wide margin. (The former
-# 2 epochs at batch 256 reached 0.553: below most-popular, which the gate now refuses.)
+# small_data's validation split with the side tables (the end-to-end run): HR@50 0.59 / 0.67 / 0.69 / 0.74 after
+# epochs 1-4, against 0.561 for the most-popular ranker, so the model clears the popularity gate (0.561 + 0.02) by
+# a wide margin. (Without side features: 0.56 / 0.64 / 0.72 / 0.75.)
 SMALL = {"epochs": 4, "embedding_dim": 16, "output_dim": 16, "hidden_units": [32], "batch_size": 64,
          "num_negatives": 256}
 
@@ -234,7 +235,10 @@ def _pipeline(root: Path, **overrides):
     ({"config": {**SMALL, "ks": [10, 20], "selection_metric": "HR@10"}, "compare_metrics": ["NDCG@10"]},
      r"config ks must include 50: the popularity check compares HR@50, got \[10, 20\]"),
     ({"pipeline_name": "My_Pipeline"}, "pipeline_name must be lower-case letters"),
-    ({"config": {"use_side_features": True}}, "pipeline's examples carry interactions only"),
+    ({"config": {"use_side_features": True}}, "needs side-feature tables: pass side_features"),
+    ({"side_features": SideFeatures(item=(("genre", "categorical"),))},
+     r"item_features_root must be given exactly when side_features declares item columns \(it declares \['genre'\]"),
+    ({"user_features_root": "users"}, "user_features_root must be given exactly when side_features declares user"),
 ])
 def test_create_pipeline_rejects_bad_arguments(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
@@ -242,14 +246,18 @@ def test_create_pipeline_rejects_bad_arguments(tmp_path, change, message):
 
 
 def test_kubeflow_v2_spec_names_every_component(tmp_path):
-    pipeline = _pipeline(tmp_path, metadata_path=None, beam_pipeline_args=["--direct_num_workers=2"])
+    side = SideFeatures(user=(("segment", "categorical"),), item=(("tags", "multi_categorical"),))
+    pipeline = _pipeline(tmp_path, metadata_path=None, beam_pipeline_args=["--direct_num_workers=2"],
+                         side_features=side, user_features_root=str(tmp_path / "users"),
+                         item_features_root=str(tmp_path / "items"))
     spec = json.loads(Path(compile_kubeflow_v2(pipeline, str(tmp_path / "spec.json"))).read_text())
     # Beam arguments reach the Beam-based steps.
     executors = spec["pipelineSpec"]["deploymentSpec"]["executors"]
     assert "--direct_num_workers=2" in json.dumps(executors["ProtocolSplit_executor"])
     tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
     # The Resolver compiles into one task per resolved channel ("<id>-model-resolver", ...).
-    missing = [c for c in COMPONENT_IDS if not any(t == c or t.startswith(c + "-") for t in tasks)]
+    expected = COMPONENT_IDS + tuple(SIDE_COMPONENT_IDS.values())
+    missing = [c for c in expected if not any(t == c or t.startswith(c + "-") for t in tasks)]
     assert not missing, missing
     # The custom steps run our code: their executors name our modules, the Trainer's parameters our run_fn.
     executors = json.dumps(spec["pipelineSpec"]["deploymentSpec"])
@@ -313,11 +321,24 @@ def _query_pushed(serving: Path):
     versions = sorted(p for p in serving.iterdir() if p.name.isdigit())
     request = json.loads((versions[-1] / "assets" / "request.json").read_text())
     fn = tf.saved_model.load(str(versions[-1])).signatures["serving_default"]
-    out = fn(**{name: tf.constant(np.asarray(v, dtype=object)) for name, v in request.items()})
+    out = fn(**{name: tf.constant(np.asarray(v, dtype=object if spec.dtype == tf.string else None), spec.dtype)
+                for name, v in request.items() for spec in (fn.structured_input_signature[1][name],)})
     return versions, out
 
 
+def _side_flags(data, root: Path) -> list:
+    """The data's side tables written as table examples, and the CLI flags that pass them to the pipeline."""
+    side = SideFeatures.of_data(data)
+    (root / "side.json").write_text(side.to_json())
+    for entity, table in (("user", data.user_features), ("item", data.item_features)):
+        write_feature_table(table, entity, getattr(side, entity), str(root / f"{entity}s" / "table.gz"))
+    return ["--side-features", str(root / "side.json"), "--user-features", str(root / "users"),
+            "--item-features", str(root / "items")]
+
+
 def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
+    """The whole pipeline with the side tables: they are joined onto the split examples and the model (the
+    default preset: YouTubeDNN with side features) trains on them, streamed."""
     import yaml
     from tfrec_recall import cli
     from tfrec_recall import training
@@ -326,7 +347,9 @@ def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(SMALL))
     command = ["pipeline", "run", "--data", str(tmp_path / "data"), "--pipeline-root", str(tmp_path / "root"),
                "--serving-dir", str(serving), "--pipeline-name", "test-pipeline", "--config",
-               str(tmp_path / "small.yaml"), "--history-length", "10", "--k", "20"]
+               str(tmp_path / "small.yaml"), "--history-length", "10", "--k", "20",
+               *_side_flags(small_data, tmp_path)]
+    components = COMPONENT_IDS + tuple(SIDE_COMPONENT_IDS.values())
 
     # 0. A run that fails in the Trainer keeps what finished before it. (TFX reloads the run_fn's module before
     #    each use, so the failure is planted one level down, in the training function run_fn imports.)
@@ -347,14 +370,15 @@ def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "blessed: True" in printed and "pushed: True" in printed
     records, first = _runs(tmp_path)
-    assert sorted(first) == sorted(COMPONENT_IDS)
-    for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit"):
+    assert sorted(first) == sorted(components)
+    for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit",
+                      *SIDE_COMPONENT_IDS.values()):
         assert first[component].state == "CACHED", component
     # Each component completed exactly once over the failed run and its resume (the Resolver, which is not an
     # executor and not cached, resolves in every run).
     resolver = "latest_blessed_model_resolver"
     completed = [e.component for e in records if e.state == "COMPLETE" and e.component != resolver]
-    assert sorted(completed) == sorted(c for c in COMPONENT_IDS if c != resolver)
+    assert sorted(completed) == sorted(c for c in components if c != resolver)
     assert first[resolver].state == "COMPLETE"
     evaluation = json.loads(Path(first["RetrievalEvaluator"].outputs["evaluation"]["uri"], "metrics.json").read_text())
     assert evaluation["blessed"] and evaluation["baseline_model"] is None
@@ -373,6 +397,8 @@ def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     assert first["Pusher"].outputs["pushed_model"]["pushed"] == 1
     versions, out = _query_pushed(serving)
     assert len(versions) == 1 and out["item_ids"].shape == (2, 20)
+    request = json.loads((versions[0] / "assets" / "request.json").read_text())
+    assert {"segment", "region", "activity"} <= set(request)  # the user's side features are serving inputs
     assert set(out["item_ids"].numpy().astype(str).ravel()) <= set(small_data.interactions["item_id"])
 
     # 2. Unchanged inputs: everything up to the model is reused from the cache; the Evaluator (which now has
@@ -380,7 +406,7 @@ def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     assert cli.main(command) == 0
     _, second = _runs(tmp_path)
     for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "ProtocolSplit", "Trainer",
-                      "RetrievalExporter", "ExportInfraCheck"):
+                      "RetrievalExporter", "ExportInfraCheck", *SIDE_COMPONENT_IDS.values()):
         assert second[component].state == "CACHED", component
     assert second["Pusher"].outputs["pushed_model"]["pushed_version"] == versions[0].name
     assert sorted(p.name for p in serving.iterdir()) == [versions[0].name]

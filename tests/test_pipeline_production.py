@@ -324,3 +324,19 @@ def test_materialise_writes_builtin_data_under_a_uri_root_once(tmp_path, small_d
     assert list(written.columns) == ["user_id", "item_id", "timestamp", "row_number"]
     assert len(written) == len(small_data.interactions)
     assert materialise("synthetic", root) == target and calls == ["synthetic"]  # reused, not rewritten
+    # the side tables beside it, as table examples, and the pipeline arguments that pass them
+    import argparse
+    from pipelines.cli import _side_inputs
+    from tfrec_recall.data.side_tables import SideFeatures, parse_table_row
+    flags = {"side_features": None, "user_features": None, "item_features": None}
+    inputs = _side_inputs(argparse.Namespace(data="synthetic", pipeline_root=root, **flags))
+    assert inputs["side_features"] == SideFeatures.of_data(small_data)
+    assert inputs["item_features_root"] == f"{root}/data/synthetic-tables/items"
+    files = tf.io.gfile.glob(f"{inputs['item_features_root']}/*")
+    rows = [parse_table_row(r.numpy(), "item", inputs["side_features"].item)
+            for r in tf.data.TFRecordDataset(files, "GZIP")]
+    assert [key for key, _ in rows] == list(small_data.item_features.index)
+    with pytest.raises(ValueError, match="--side-features: --data synthetic brings its own side tables"):
+        _side_inputs(argparse.Namespace(data="synthetic", pipeline_root=root, **{**flags, "side_features": "s"}))
+    with pytest.raises(ValueError, match="--user-features 'u' needs --side-features, the columns and kinds"):
+        _side_inputs(argparse.Namespace(data=root, pipeline_root=root, **{**flags, "user_features": "u"}))

@@ -193,3 +193,17 @@ def test_evaluate_on_split_dict_and_dataset_agree_with_the_reference(tiny_model,
         evaluate(model, arrays)
     with pytest.raises(TypeError, match=r"retriever must be a Retriever .* got str"):
         evaluate(model, small_split, retriever="ivf")
+
+
+def test_metric_sums_over_chunks_equal_one_call():
+    """Lists added in two chunks give the one-call metrics: means over all users (not a mean of chunk means:
+    3 users then 1) and coverage over the union of the lists (golden: ids a, b, c, d in the top 2 -> 4 / 8)."""
+    from tfrec_recall.evaluation.ranked import MetricSums
+    scores = [[3.0, 2.0, 1.0]] * 4
+    ids = [["a", "b", "c"], ["a", "b", "c"], ["b", "a", "c"], ["c", "d", "a"]]
+    positives = [["a"], ["c"], ["x"], ["d"]]
+    whole = ranked_list_metrics(scores, ids, positives, ks=(1, 2), num_candidates=8)
+    sums = MetricSums((1, 2)).add(scores[:3], ids[:3], positives[:3]).add(scores[3:], ids[3:], positives[3:])
+    assert sums.result(8) == whole
+    # HR@2: users 1 (a at 1) and 4 (d at 2) hit -> 2 / 4; Coverage@2: {a, b, c, d} / 8
+    assert whole["HR@2"] == 0.5 and whole["Coverage@2"] == 0.5 and whole["users"] == 4

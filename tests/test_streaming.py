@@ -126,7 +126,6 @@ def test_split_files_are_refused_when_missing_or_already_written(stream, small_s
 # -- training and evaluation ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, value, message", [
-    ("use_side_features", True, "config key 'use_side_features': streaming input supports only False"),
     ("example_age", True, "config key 'example_age': streaming input supports only False"),
     ("deep_retrieval", True, "config key 'deep_retrieval': streaming input supports only False"),
     ("query_tower", "sdm", "config key 'query_tower': 'sdm' reads inputs beyond ids and history"),
@@ -173,6 +172,19 @@ def test_streamed_evaluation_equals_in_memory_evaluation(stream, small_split):
         assert evaluate_streaming(model, stream, which) == evaluate(model, small_split, which)
     subset = evaluate_streaming(model, stream, "valid", max_users=50)
     assert subset["users"] == 50
+
+
+def test_streamed_evaluation_in_chunks_of_users_equals_one_pass(stream, small_split):
+    """Users read and ranked 64 at a time (300 test users: 5 chunks, the last of 44) give the numbers of one
+    pass, coverage included (the union of the chunks' lists, not a mean); ``max_users`` cuts inside a chunk."""
+    model = build_streaming_model(_config(), stream)
+    whole = evaluate_streaming(model, stream, "test")
+    chunked = evaluate_streaming(model, stream, "test", users_per_chunk=64)
+    assert chunked == pytest.approx(whole, rel=1e-12) and chunked["users"] == len(small_split.test) == 300
+    assert 0 < chunked["Coverage@10"] < 1
+    assert evaluate_streaming(model, stream, "test", users_per_chunk=64, max_users=100)["users"] == 100
+    with pytest.raises(ValueError, match="users_per_chunk must be a positive integer, got 0"):
+        evaluate_streaming(model, stream, "test", users_per_chunk=0)
 
 
 def test_train_streaming_learns_and_recommends(stream, small_split):
@@ -232,7 +244,11 @@ def test_trainer_run_fn_streams_through_the_data_accessor(stream, small_split, t
     assert vocabulary.read_text().split() == sorted(small_split.train["item_id"].unique())
     run = load_run(str(tmp_path / "serving_model"))
     assert sorted(run.candidate_ids) == sorted(small_split.data.items)
-    assert run.config.dat and not run.config.use_side_features
+    # the examples are joined with the side tables (write_split_examples' default), so the preset's side features
+    # train too: their vocabularies come from the Beam statistics job
+    assert run.config.dat and run.config.use_side_features
+    assert [s.name for s in run.candidate_tower.input_specs] == ["item_id", "category", "tags", "price"]
+    assert (tmp_path / "model_run" / "vocabularies" / "side" / "category.vocab").exists()
 
 
 SMALL_TRAINER = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [32], "batch_size": 64,

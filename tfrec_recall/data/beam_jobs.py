@@ -43,9 +43,12 @@ same bytes on all three runners (tests/test_beam_jobs.py):
   (``--dask_npartitions``, ``num_workers`` of :func:`tfrec_recall.beam_runners.pipeline_options`). The embedding
   job reads its vocabulary in one task, so on Dask it runs in one task; the example jobs spread by input file.
 
-The Deep Retrieval M-step job (:func:`tfrec_recall.training.path_assignment_beam.beam_m_step`) has the same
-shape for the same reasons (one output, one sink written by a ParDo at the end) and gives the in-process M-step's
-paths on all three runners (tests/test_beam_jobs.py).
+The side-feature jobs (:mod:`tfrec_recall.data.side_jobs`: the join of the split examples with the user and item
+tables, the tables' training statistics) and the Deep Retrieval M-step job
+(:func:`tfrec_recall.training.path_assignment_beam.beam_m_step`) have the same
+shape for the same reasons (one output, one sink written by a ParDo at the end); the M-step gives the in-process
+M-step's paths on all three runners, the side-feature jobs the DirectRunner's output on Dask
+(tests/test_beam_jobs.py).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from the candidates (so evaluation can stream these examples without the trainin
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -133,15 +133,50 @@ def _read_split(files: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
+def _read_side(files: Sequence[str], key: str, columns) -> pd.DataFrame:
+    """The ``key`` and side ``columns`` of joined examples as a table indexed by ``key`` (first row per id)."""
+    import tensorflow as tf
+    kinds = {"categorical": tf.io.FixedLenFeature([], tf.string), "numeric": tf.io.FixedLenFeature([], tf.float32),
+             "multi_categorical": tf.io.VarLenFeature(tf.string)}
+    spec = {key: tf.io.FixedLenFeature([], tf.string), **{name: kinds[kind] for name, kind in columns}}
+    parts: Dict[str, list] = {name: [] for name in spec}
+    dataset = tf.data.TFRecordDataset(list(files), compression_type="GZIP" if files[0].endswith(".gz") else "")
+    for batch in dataset.batch(8192).map(lambda x: tf.io.parse_example(x, spec)):
+        for name, value in batch.items():
+            if isinstance(value, tf.SparseTensor):
+                parts[name].extend(tuple(v.decode("utf-8") for v in row)
+                                   for row in tf.RaggedTensor.from_sparse(value).to_list())
+            elif value.dtype == tf.string:
+                parts[name].extend(v.decode("utf-8") for v in value.numpy())
+            else:
+                parts[name].extend(value.numpy().astype(np.float64).tolist())
+    return pd.DataFrame(parts).drop_duplicates(key).set_index(key)
+
+
+def _side_tables(examples_uri: str, side) -> Dict[str, Optional[pd.DataFrame]]:
+    """The user and item tables behind joined examples: users from the three splits, items from the corpus
+    split (a missing value stays ``""`` / NaN / ``()``, which the features treat as missing)."""
+    from tfrec_recall.data.side_tables import CORPUS
+    users = [f for split in SPLITS for f in split_files(examples_uri, split)]
+    return {"user_features": _read_side(users, USER_ID, side.user) if side.user else None,
+            "item_features": _read_side(split_files(examples_uri, CORPUS), ITEM_ID, side.item) if side.item else None}
+
+
 def read_split_examples(examples_uri: str, history_length: int, name: str = "examples") -> Split:
     """The train / eval / test splits written by the pipeline's protocol transform, as a :class:`Split`
-    (``valid`` = the ``eval`` split). The corpus is every item of the three splits, as in ``leave_last_out``."""
+    (``valid`` = the ``eval`` split). The corpus is every item of the three splits, as in ``leave_last_out``.
+    Joined examples (``side_features.json``, :mod:`tfrec_recall.data.side_tables`) bring their user and item
+    tables, and the corpus split's items."""
+    from tfrec_recall.data.side_tables import read_side_features
     require_positive_int("history_length", history_length)
     frames = {split: _read_split(split_files(examples_uri, split)) for split in SPLITS}
     train = frames[TRAIN].sort_values([USER_ID, POSITION], kind="mergesort").reset_index(drop=True)
     train_items = {user: list(items) for user, items in train.groupby(USER_ID, sort=False)[ITEM_ID]}
     everything = pd.concat([frames[s] for s in SPLITS], ignore_index=True)
-    data = InteractionData(everything[[USER_ID, ITEM_ID, TIMESTAMP, WEIGHT]].reset_index(drop=True), name=name)
+    side = read_side_features(examples_uri)
+    tables = _side_tables(examples_uri, side) if side else {}
+    data = InteractionData(everything[[USER_ID, ITEM_ID, TIMESTAMP, WEIGHT]].reset_index(drop=True), name=name,
+                           feature_kinds=side.kinds if side else {}, **tables)
     keep = [USER_ID, ITEM_ID, TIMESTAMP, WEIGHT, HISTORY]
     valid, test = (frames[s].sort_values(USER_ID, kind="mergesort")[keep].reset_index(drop=True)
                    for s in (EVAL, TEST))

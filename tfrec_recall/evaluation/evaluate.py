@@ -48,7 +48,7 @@ def evaluate(model, data, which: str = "test", ks: Sequence[int] = (10, 50, 100)
     features, positives, exclude = query_rows(data, label_column, exclude_column)
     ids, embeddings = candidate_embeddings(model.candidate_tower, candidates)
     queries, mask = embed_queries(model.query_tower, _tower_inputs(model.query_tower, features, "data"))
-    index = _indexed(retriever, ids, embeddings, max(check_ks(ks)), multi_query=mask is not None)
+    index = indexed_retriever(retriever, ids, embeddings, max(check_ks(ks)), multi_query=mask is not None)
     return evaluate_retriever(index, queries, positives, exclude, ks, query_mask=mask, progress=progress)
 
 
@@ -75,7 +75,7 @@ def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "te
     positives = [positives_by_user[u] for u in users[USER_ID]]
     exclude = [list(split.train_items.get(u, [])) + [i for i in held_out[u] if i not in set(positives_by_user[u])]
                for u in users[USER_ID]]
-    index = _indexed(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)),
+    index = indexed_retriever(retriever, split.data.items.astype(str), embeddings, max(check_ks(ks)),
                      multi_query=mask is not None)
     return evaluate_retriever(index, queries, positives, exclude, ks, query_mask=mask, progress=progress)
 
@@ -98,7 +98,7 @@ def embed_queries(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 409
     return np.concatenate(queries, axis=0), np.concatenate(masks, axis=0)
 
 
-def _indexed(retriever, ids: np.ndarray, embeddings: np.ndarray, depth: int, multi_query: bool = False):
+def indexed_retriever(retriever, ids: np.ndarray, embeddings: np.ndarray, depth: int, multi_query: bool = False):
     """``retriever`` built over the candidates (an unbuilt one is built here; a built one is used as is), or a
     new exact BruteForce index with one id of look-ahead beyond ``depth``; with ``multi_query`` (K queries per
     user), an index that is not a MultiQueryRetriever is wrapped in one (max-score merge)."""
@@ -149,13 +149,14 @@ def _as_arrays(data) -> Dict[str, np.ndarray]:
                 parts.setdefault(name, []).append(value[None] if value.ndim == 0 else value)
         if not parts:
             raise ValueError("data (a tf.data.Dataset) is empty")
-        return {name: _decoded(np.concatenate(values)) for name, values in parts.items()}
+        return {name: decoded_strings(np.concatenate(values)) for name, values in parts.items()}
     if isinstance(data, Mapping):
-        return {str(name): _decoded(np.asarray(value)) for name, value in data.items()}
+        return {str(name): decoded_strings(np.asarray(value)) for name, value in data.items()}
     raise TypeError(f"data must be a Split, a tf.data.Dataset or a dict of arrays, got {type(data).__name__}")
 
 
-def _decoded(values: np.ndarray) -> np.ndarray:
+def decoded_strings(values: np.ndarray) -> np.ndarray:
+    """Byte strings (UTF-8) as str objects; other arrays unchanged."""
     if values.dtype.kind == "S" or (values.dtype == object and values.size and isinstance(values.flat[0], bytes)):
         return np.char.decode(values.astype(bytes), "utf-8").astype(object)
     return values
@@ -187,7 +188,7 @@ def candidate_embeddings(candidate_tower, candidates) -> Tuple[np.ndarray, np.nd
                          f"{ITEM_ID!r} column) or an (ids, embeddings) pair")
     if isinstance(candidates, tuple) and len(candidates) == 2:
         ids, embeddings = candidates
-        return _decoded(np.asarray(ids)).astype(str), np.asarray(embeddings, dtype=np.float32)
+        return decoded_strings(np.asarray(ids)).astype(str), np.asarray(embeddings, dtype=np.float32)
     if isinstance(candidates, Mapping):
         arrays = _as_arrays(candidates)
         if ITEM_ID not in arrays:

@@ -69,34 +69,54 @@ def list_blocks(scores: np.ndarray, ids: np.ndarray, positives: Sequence[str], d
     return out
 
 
+class MetricSums:
+    """Metrics accumulated over batches of users' ranked lists (:meth:`add`), in user order, so users evaluated in
+    chunks give the numbers of one call over all of them while no chunk's lists outlive it."""
+
+    def __init__(self, ks: Sequence[int] = (10, 50, 100)):
+        self.ks = check_ks(ks)
+        self.sums = {f"{m}@{k}": 0.0 for k in self.ks for m in ("HR", "Recall", "NDCG")}
+        self.sums["MRR"], self.counted = 0.0, 0
+        self.covered = {k: set() for k in self.ks}
+
+    def add(self, scores, ids, positives: Sequence[Sequence[str]],
+            exact: Optional[Mapping[int, Sequence[Block]]] = None) -> "MetricSums":
+        """Adds lists ``scores`` / ``ids`` [U, L] against ``positives`` (see :func:`ranked_list_metrics`)."""
+        scores, ids = np.asarray(scores, dtype=np.float64), np.asarray(ids).astype(str)
+        exact, depth = dict(exact or {}), self.ks[-1]
+        _check_lists(scores, ids, positives, depth, exact)
+        for u, user_positives in enumerate(positives):
+            unique = list(dict.fromkeys(str(p) for p in user_positives))
+            if not unique:
+                continue
+            blocks = exact[u] if u in exact else list_blocks(scores[u], ids[u], unique, depth)
+            _add_user(self.sums, np.asarray(blocks, dtype=np.int64).reshape(-1, 2), self.ks)
+            self.counted += 1
+        for k in self.ks:
+            top = ids[:, :k]
+            self.covered[k].update(top[top != ""].tolist())
+        return self
+
+    def result(self, num_candidates: int) -> Dict[str, float]:
+        """The metrics of every user added (Coverage@K over ``num_candidates``)."""
+        num_candidates = require_positive_int("num_candidates", num_candidates)
+        if self.counted == 0:
+            raise ValueError("no query has a positive item: nothing to evaluate")
+        out = {name: value / self.counted for name, value in self.sums.items()}
+        for k in self.ks:
+            out[f"Coverage@{k}"] = float(len(self.covered[k]) / num_candidates)
+        out["users"] = self.counted
+        return out
+
+
 def ranked_list_metrics(scores, ids, positives: Sequence[Sequence[str]], ks: Sequence[int] = (10, 50, 100), *,
                         num_candidates: int, exact: Optional[Mapping[int, Sequence[Block]]] = None
                         ) -> Dict[str, float]:
     """Metrics of ranked lists ``scores`` / ``ids`` [U, L] (best first, ``""`` / ``-inf`` padding) against
     ``positives[u]`` (ids). ``exact[u]`` gives user u's (h, t) per positive (in ``positives[u]`` order, after
     dropping duplicates) counted over the whole corpus; every other user's list must be closed at max(ks)."""
-    scores, ids = np.asarray(scores, dtype=np.float64), np.asarray(ids).astype(str)
-    ks, exact = check_ks(ks), dict(exact or {})
-    num_candidates = require_positive_int("num_candidates", num_candidates)
-    _check_lists(scores, ids, positives, ks[-1], exact)
-    depth = ks[-1]
-    sums = {f"{m}@{k}": 0.0 for k in ks for m in ("HR", "Recall", "NDCG")}
-    sums["MRR"], counted = 0.0, 0
-    for u, user_positives in enumerate(positives):
-        unique = list(dict.fromkeys(str(p) for p in user_positives))
-        if not unique:
-            continue
-        blocks = exact[u] if u in exact else list_blocks(scores[u], ids[u], unique, depth)
-        _add_user(sums, np.asarray(blocks, dtype=np.int64).reshape(-1, 2), ks)
-        counted += 1
-    if counted == 0:
-        raise ValueError("no query has a positive item: nothing to evaluate")
-    out = {name: value / counted for name, value in sums.items()}
-    for k in ks:
-        top = ids[:, :k]
-        out[f"Coverage@{k}"] = float(len(np.unique(top[top != ""])) / num_candidates)
-    out["users"] = counted
-    return out
+    require_positive_int("num_candidates", num_candidates)
+    return MetricSums(ks).add(scores, ids, positives, exact).result(num_candidates)
 
 
 def _check_lists(scores: np.ndarray, ids: np.ndarray, positives, depth: int, exact: Mapping) -> None:

@@ -9,14 +9,14 @@ rank max(ks) continues), and for lists still open doubles the request up to the 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from tfrec_recall._validation import require_positive_int
-from tfrec_recall.evaluation.ranked import Block, check_ks, open_lists, ranked_list_metrics
+from tfrec_recall.evaluation.ranked import Block, MetricSums, check_ks, open_lists
 from tfrec_recall.retrievers.brute_force import BruteForce
 from tfrec_recall.retrievers.multi_query import MultiQueryRetriever
 from tfrec_recall.retrievers.protocol import Retriever
@@ -28,8 +28,29 @@ def evaluate_retriever(retriever, queries, positives: Sequence[Sequence[str]],
     """Metrics of ``retriever`` (built) for ``queries`` ([U, d], or [U, K, d] for a MultiQueryRetriever) with
     ``positives[u]`` / ``exclude[u]`` item ids; ``query_mask`` [U, K] marks a multi-query user's interests.
     Returns HR@K, Recall@K, NDCG@K, MRR (within the top max(ks)), Coverage@K and users."""
+    return evaluate_retriever_in_chunks(retriever, [(queries, positives, exclude, query_mask)], ks,
+                                        batch_size=batch_size, progress=progress)
+
+
+def evaluate_retriever_in_chunks(retriever, chunks: Iterable[tuple], ks: Sequence[int] = (10, 50, 100), *,
+                                 batch_size: int = 256, progress: bool = False) -> Dict[str, float]:
+    """:func:`evaluate_retriever` over users given in ``chunks`` of ``(queries, positives, exclude, query_mask)``
+    (``exclude`` / ``query_mask`` may be None): only one chunk's queries and ranked lists are held at a time, and
+    the metrics are those of one call over every user in order (coverage over the union of the lists)."""
     ks = check_ks(ks)
     num_candidates = _check_retriever(retriever, ks[-1])
+    sums = MetricSums(ks)
+    for queries, positives, exclude, query_mask in chunks:
+        if not len(queries):
+            continue
+        scores, ids, exact, positives = _ranked_lists(retriever, queries, positives, exclude, ks[-1], query_mask,
+                                                      batch_size, progress)
+        sums.add(scores, ids, positives, exact)
+    return sums.result(num_candidates)
+
+
+def _ranked_lists(retriever, queries, positives, exclude, depth: int, query_mask, batch_size: int, progress: bool):
+    """(scores, ids, exact blocks, positives without duplicates) of one chunk of users (see evaluate_retriever)."""
     queries = np.asarray(queries, dtype=np.float32)
     n = len(queries)
     positives = [list(dict.fromkeys(str(p) for p in row)) for row in _rows("positives", positives, n)]
@@ -47,14 +68,14 @@ def evaluate_retriever(retriever, queries, positives: Sequence[Sequence[str]],
     for start in tqdm(range(0, n, batch_size), desc="evaluating", disable=not progress, leave=False):
         rows = slice(start, min(start + batch_size, n))
         mask = None if query_mask is None else np.asarray(query_mask)[rows]
-        s, i, blocks = _closed_lists(retriever, queries[rows], positives[rows], exclude[rows], ks[-1], mask)
+        s, i, blocks = _closed_lists(retriever, queries[rows], positives[rows], exclude[rows], depth, mask)
         scores.append(s)
         ids.append(i)
         exact.update({start + u: b for u, b in blocks.items()})
     width = max(s.shape[1] for s in scores)
     scores = np.concatenate([np.pad(s, [(0, 0), (0, width - s.shape[1])], constant_values=-np.inf) for s in scores])
     ids = np.concatenate([np.pad(i, [(0, 0), (0, width - i.shape[1])], constant_values="") for i in ids])
-    return ranked_list_metrics(scores, ids, positives, ks, num_candidates=num_candidates, exact=exact)
+    return scores, ids, exact, positives
 
 
 def _check_retriever(retriever, depth: int) -> int:

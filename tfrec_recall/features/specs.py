@@ -33,6 +33,7 @@ HISTORY = "history"
 HISTORY_TIMES = "history_times"
 EXAMPLE_AGE = "example_age"
 POOLINGS = ("mean", "recency")
+MULTI_CATEGORICAL_MAX_LEN = 16  # the widest padded side-feature list a spec takes from the data
 _FEATURE_KINDS: Dict[str, type] = {}  # written only by register_feature_kind
 S = TypeVar("S", bound=type)
 
@@ -212,11 +213,10 @@ class MultiCategoricalFeature(_Categorical):
         return self.max_len
 
     @classmethod
-    def from_column(cls, name, values, embedding_dim, max_width: int = 16):
+    def from_column(cls, name, values, embedding_dim, max_width: int = MULTI_CATEGORICAL_MAX_LEN):
         lists = values.dropna()
-        width = int(max([len(t) for t in lists] + [1]))
         return cls(name, embedding_dim, vocabulary=vocabulary_of([x for t in lists for x in t]),
-                   max_len=min(width, max_width))
+                   max_len=padded_width(max([len(t) for t in lists] + [0]), max_width))
 
     def raw_array(self, column: pd.Series) -> np.ndarray:
         out = np.full((len(column), self.max_len), "", dtype=object)
@@ -302,8 +302,17 @@ class NumericFeature(FeatureSpec):
         """Standardised with the training mean and variance; the embedding width stays the numeric default."""
         v = values.to_numpy(dtype=np.float64)
         v = v[np.isfinite(v)]
-        return cls(name, mean=float(v.mean()) if len(v) else 0.0,
-                   variance=float(v.var()) if len(v) and v.var() > 0 else 1.0)
+        return cls.from_moments(name, len(v), float(v.mean()) if len(v) else 0.0, float(v.var()) if len(v) else 0.0)
+
+    @classmethod
+    def from_moments(cls, name: str, count: int, mean: float, variance: float) -> "NumericFeature":
+        """The spec of ``count`` finite training values of that mean and (population) variance: no value gives
+        mean 0, and a variance at rounding level (a constant column: at most ``1e-12 * max(1, mean ** 2)``)
+        gives variance 1, so standardising never divides by (almost) zero."""
+        if not count:
+            return cls(name, mean=0.0, variance=1.0)
+        constant = variance <= 1e-12 * max(1.0, mean * mean)
+        return cls(name, mean=float(mean), variance=1.0 if constant else float(variance))
 
 
 @register_feature_kind
@@ -354,6 +363,12 @@ class ExampleAgeFeature(NumericFeature):
         ages = (t.max() - t) / time_unit
         return cls(name, mean=float(ages.mean()), variance=float(max(ages.var(), 1e-12)),
                    reference_time=float(t.max()), time_unit=float(time_unit))
+
+
+def padded_width(longest: int, max_width: int = MULTI_CATEGORICAL_MAX_LEN) -> int:
+    """The padded width of a list feature whose longest training list has ``longest`` values: at least 1,
+    at most ``max_width``."""
+    return min(max(int(longest), 1), max_width)
 
 
 def vocabulary_of(values) -> tuple:

@@ -53,9 +53,10 @@ def sample_request(split: Split, specs: Sequence[FeatureSpec], rows: int = 2) ->
 
 def _streamed_request(source: StreamingSplit, specs: Sequence[FeatureSpec], rows: int) -> Dict[str, list]:
     from tfrec_recall.data.streaming import examples_dataset
-    batch = next(iter(examples_dataset(source.valid_files, {s.name: s.width for s in specs}, rows)))
-    decoded = {name: np.char.decode(v.numpy().astype(bytes), "utf-8") if v.dtype == tf.string else v.numpy()
-               for name, v in batch.items()}
+    from tfrec_recall.evaluation.evaluate import decoded_strings
+    batch = next(iter(examples_dataset(source.valid_files, {s.name: s.width for s in specs}, rows,
+                                          schema=source.schema())))
+    decoded = {name: decoded_strings(v.numpy()) for name, v in batch.items()}
     return {name: a.tolist() for name, a in decoded.items()}
 
 

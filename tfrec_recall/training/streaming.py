@@ -2,15 +2,15 @@
 the Beam-written vocabulary files by path, training batches stream from the split's record files through TFXIO,
 and evaluation streams the validation / test examples (each carries its user's training items to exclude).
 
-What needs whole tables in memory is refused with a ``ConfigError`` naming the key: side features, the example
-age, towers that read more than the id and history inputs (SDM), category alignment, contrastive learning,
-distillation and Deep Retrieval. Ids, history, logQ, in-batch / mixed / global negatives and DAT on the ids
-stream.
+What needs whole tables in memory is refused with a ``ConfigError`` naming the key: the example age, towers
+that read more than the id, history and side-feature inputs (SDM), category alignment, contrastive learning,
+distillation and Deep Retrieval. Ids, history, side features (examples joined with the tables by
+:mod:`tfrec_recall.data.side_jobs`), logQ, in-batch / mixed / global negatives and DAT on the ids stream.
 """
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -19,8 +19,10 @@ from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import ConfigError, RunConfig
 from tfrec_recall.data.protocol import EXCLUDE
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
-from tfrec_recall.data.streaming import RAGGED, DatasetFactory, StreamingSplit, examples_dataset
-from tfrec_recall.evaluation.evaluate import embed, evaluate
+from tfrec_recall.data.streaming import RAGGED, DatasetFactory, StreamingSplit, corpus_schema, examples_dataset
+from tfrec_recall.evaluation.evaluate import decoded_strings, embed, embed_queries, indexed_retriever, query_rows
+from tfrec_recall.evaluation.ranked import check_ks
+from tfrec_recall.evaluation.retrieval import evaluate_retriever_in_chunks
 from tfrec_recall.features import FeatureSpec, IdFeature, SequenceFeature
 from tfrec_recall.features.specs import HISTORY
 from tfrec_recall.layers.towers import tower_class
@@ -32,7 +34,7 @@ from tfrec_recall.training.callbacks import StopOnNonFiniteLoss
 from tfrec_recall.training.fit import TrainResult, _scope, selection_callbacks, sharded_by_data
 
 # config key -> the value that streams (what the other values need is held in memory)
-_STREAMABLE = {"use_side_features": False, "example_age": False, "category_alignment_weight": 0.0,
+_STREAMABLE = {"example_age": False, "category_alignment_weight": 0.0,
                "contrastive_weight": 0.0, "distillation_weight": 0.0, "deep_retrieval": False}
 
 
@@ -53,8 +55,8 @@ def require_streamable(config: RunConfig) -> None:
 
 
 def streaming_specs(config: RunConfig, source: StreamingSplit) -> Dict[str, List[FeatureSpec]]:
-    """The feature specs of ``specs_from_split`` for ids and history, with vocabularies read from the
-    source's files (the same tokens in the same order as the in-memory vocabularies of the training rows)."""
+    """The feature specs of ``specs_from_split`` for ids, history and side features, with vocabularies read from
+    the source's files (the same tokens in the same order as the in-memory vocabularies of the training rows)."""
     items = source.vocabulary_file(ITEM_ID)
     query: List[FeatureSpec] = []
     if config.use_user_id:
@@ -63,7 +65,11 @@ def streaming_specs(config: RunConfig, source: StreamingSplit) -> Dict[str, List
         query.append(SequenceFeature(HISTORY, config.embedding_dim, vocabulary_file=items,
                                      max_len=config.history_length or source.history_length,
                                      pooling=config.pooling))
-    return {"query": query, "candidate": [IdFeature(ITEM_ID, config.embedding_dim, vocabulary_file=items)]}
+    candidate: List[FeatureSpec] = [IdFeature(ITEM_ID, config.embedding_dim, vocabulary_file=items)]
+    if config.use_side_features:
+        side = source.side_specs(config.side_embedding_dim)
+        query, candidate = query + side["query"], candidate + side["candidate"]
+    return {"query": query, "candidate": candidate}
 
 
 def _augment(config: RunConfig, source: StreamingSplit, entity: str) -> Optional[IdFeature]:
@@ -81,10 +87,10 @@ def build_streaming_model(config: RunConfig, source: StreamingSplit) -> TwoTower
                       _augment(config, source, ITEM_ID))
     corpus, counts = None, None
     if config.negatives in ("mixed", "global"):
-        ids = source.corpus()
+        corpus = corpus_arrays(specs["candidate"], source)
         trained, trained_counts = source.item_counts()
         by_id = dict(zip(trained, trained_counts))
-        corpus, counts = {ITEM_ID: ids}, np.asarray([by_id.get(i, 0) for i in ids], dtype=np.float64)
+        counts = np.asarray([by_id.get(i, 0) for i in corpus[ITEM_ID]], dtype=np.float64)
     # only DAT's losses remain possible here (require_streamable refused the ones that read the split)
     return assemble_model(config, query, candidate, corpus=corpus, counts=counts,
                           auxiliary=auxiliary_losses(config, None, query, candidate))
@@ -104,27 +110,28 @@ def training_dataset(model: TwoTower, config: RunConfig, source: StreamingSplit,
         widths[model.weight_feature] = None
     dataset = examples_dataset(source.train_files, widths, config.batch_size, shuffle=True, seed=config.seed,
                                shuffle_buffer=shuffle_buffer, num_epochs=None if max_steps else 1,
-                               drop_remainder=strategy is not None, dataset_factory=dataset_factory)
+                               drop_remainder=strategy is not None, dataset_factory=dataset_factory,
+                               schema=source.schema())
     dataset = sharded_by_data(dataset, strategy)
     return dataset.take(max_steps) if max_steps else dataset
 
 
-def _query_rows(model: TwoTower, source: StreamingSplit, which: str, max_users: Optional[int],
-                batch_size: int = 4096) -> Dict[str, np.ndarray]:
-    """The ``which`` examples' query inputs, item ids and exclusions (lists of ids), read by batch; the first
-    ``max_users`` examples (one per user) when given."""
+def _query_chunks(model: TwoTower, source: StreamingSplit, which: str, max_users: Optional[int],
+                  users_per_chunk: int) -> Iterator[Dict[str, np.ndarray]]:
+    """The ``which`` examples' query inputs, item ids and exclusions (lists of ids), ``users_per_chunk`` examples
+    (one per user) at a time; the first ``max_users`` when given."""
     widths = {**_widths(model.query_tower.serving_specs), ITEM_ID: None, EXCLUDE: RAGGED}
-    parts: Dict[str, list] = {name: [] for name in widths}
     seen = 0
-    for batch in examples_dataset(source.files(which), widths, batch_size):
-        for name, value in batch.items():
-            parts[name].append(_id_rows(value) if name == EXCLUDE else value.numpy())
-        seen += int(batch[ITEM_ID].shape[0])
+    for batch in examples_dataset(source.files(which), widths, users_per_chunk, schema=source.schema()):
+        keep = int(batch[ITEM_ID].shape[0]) if max_users is None else min(int(batch[ITEM_ID].shape[0]),
+                                                                          max_users - seen)
+        yield {name: (_id_rows(value) if name == EXCLUDE else decoded_strings(value.numpy()))[:keep]
+               for name, value in batch.items()}
+        seen += keep
         if max_users is not None and seen >= max_users:
-            break
+            return
     if not seen:
         raise ValueError(f"the {which} files of the streaming split hold no example: {source.files(which)[:3]}")
-    return {name: _object_rows(values)[:max_users] for name, values in parts.items()}
 
 
 def _id_rows(ragged: tf.RaggedTensor) -> np.ndarray:
@@ -135,34 +142,56 @@ def _id_rows(ragged: tf.RaggedTensor) -> np.ndarray:
     return out
 
 
-def _object_rows(values: List[np.ndarray]) -> np.ndarray:
-    return np.concatenate(values)  # 1-D object arrays of lists stay one list per row
+def corpus_arrays(specs: Sequence[FeatureSpec], source: StreamingSplit, batch_size: int = 4096
+                  ) -> Dict[str, np.ndarray]:
+    """The candidate inputs ``specs`` of every corpus item (of the three splits and of the item table), sorted by
+    id as ``split.data.items`` in memory: from the corpus vocabulary when the specs read the id alone, else from
+    the corpus split's examples."""
+    if [spec.name for spec in specs] == [ITEM_ID]:
+        return {ITEM_ID: source.corpus()}
+    if not source.corpus_files:
+        raise ValueError(f"the candidate tower reads {[spec.name for spec in specs]}: streaming embeds the corpus "
+                         "from the corpus split of joined examples, and this split has none")
+    parts: Dict[str, list] = {spec.name: [] for spec in specs}
+    for batch in examples_dataset(source.corpus_files, _widths(specs), batch_size,
+                                  schema=corpus_schema(source.side)):
+        for name, value in batch.items():
+            parts[name].append(value.numpy())
+    arrays = {name: decoded_strings(np.concatenate(values)) for name, values in parts.items()}
+    order = np.argsort(arrays[ITEM_ID].astype(str), kind="stable")
+    return {name: value[order] for name, value in arrays.items()}
 
 
 def corpus_embeddings(model: TwoTower, source: StreamingSplit):
-    """(corpus ids, their candidate embeddings): every item of the three splits through the candidate tower."""
-    names = [spec.name for spec in model.candidate_tower.input_specs]
-    if names != [ITEM_ID]:
-        raise ValueError(f"streaming evaluation embeds the corpus from item ids alone; the candidate tower reads "
-                         f"{names}")
-    ids = source.corpus()
-    return ids.astype(str), embed(model.candidate_tower, {ITEM_ID: ids})
+    """(corpus ids, their candidate embeddings): :func:`corpus_arrays` through the candidate tower."""
+    arrays = corpus_arrays(model.candidate_tower.input_specs, source)
+    return arrays[ITEM_ID].astype(str), embed(model.candidate_tower, arrays)
 
 
 def evaluate_streaming(model: TwoTower, source: StreamingSplit, which: str = "test",
                        ks: Sequence[int] = (10, 50, 100), *, max_users: Optional[int] = None,
-                       retriever=None) -> Dict[str, float]:
+                       retriever=None, users_per_chunk: int = 8192) -> Dict[str, float]:
     """PROTOCOL.md metrics of ``model`` on the source's ``which`` ("valid" / "test") examples: one query per
     user, its held-out item the positive, its training items (the examples' ``exclude``) removed, ranked over
     the corpus; the same numbers as :func:`~tfrec_recall.evaluation.evaluate.evaluate` on the in-memory split.
+    Users are read and ranked ``users_per_chunk`` at a time (a multiple of the retrieval batch, 256, keeps the
+    numbers those of one pass), so memory is bounded by a chunk and the corpus, not by the number of users.
     ``max_users``: only the first that many users (a cheaper validation signal between epochs)."""
     if which not in ("valid", "test"):
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
     if max_users is not None:
         require_positive_int("max_users", max_users)
-    rows = _query_rows(model, source, which, max_users)
-    return evaluate(model, rows, ks=ks, label_column=ITEM_ID, exclude_column=EXCLUDE,
-                    candidates=corpus_embeddings(model, source), retriever=retriever)
+    require_positive_int("users_per_chunk", users_per_chunk)
+    ids, embeddings = corpus_embeddings(model, source)
+    multi_query = getattr(model.query_tower, "multi_interest", False)
+    index = indexed_retriever(retriever, ids, embeddings, max(check_ks(ks)), multi_query=multi_query)
+
+    def chunks():
+        for rows in _query_chunks(model, source, which, max_users, users_per_chunk):
+            features, positives, exclude = query_rows(rows, ITEM_ID, EXCLUDE)
+            queries, mask = embed_queries(model.query_tower, features)
+            yield queries, positives, exclude, mask
+    return evaluate_retriever_in_chunks(index, chunks(), ks)
 
 
 def _callbacks(model, config: RunConfig, source: StreamingSplit, evaluate_every: int,

@@ -13,11 +13,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
-# Pipeline examples carry ids and history only (no side-feature tables), so the presets run without them (and
-# so they stream).
-PIPELINE_OVERRIDES = {"use_side_features": False}
-
-
 def trainer_config(custom_config: Optional[Mapping[str, Any]]):
     """The RunConfig a Trainer's ``custom_config`` asks for: ``{"preset": NAME, "config": {KEY: VALUE}}``."""
     from tfrec_recall.config import DEFAULT_PRESET, ConfigError, load_config
@@ -25,8 +20,7 @@ def trainer_config(custom_config: Optional[Mapping[str, Any]]):
     unknown = sorted(set(custom) - {"preset", "config", "evaluate_every"})
     if unknown:
         raise ConfigError(f"custom_config key {unknown[0]!r} is not one of 'preset', 'config', 'evaluate_every'")
-    overrides = {**PIPELINE_OVERRIDES, **dict(custom.get("config") or {})}
-    return load_config(custom.get("preset", DEFAULT_PRESET), overrides=overrides)
+    return load_config(custom.get("preset", DEFAULT_PRESET), overrides=dict(custom.get("config") or {}))
 
 
 def examples_uri(files: Sequence[str]) -> str:
@@ -41,9 +35,10 @@ def examples_uri(files: Sequence[str]) -> str:
 
 def training_input(config, examples: str, vocabulary_dir: str):
     """What the Trainer trains on: a :class:`~tfrec_recall.data.streaming.StreamingSplit` over the split examples,
-    with vocabularies and item counts written by the Beam jobs into ``vocabulary_dir``, when ``config`` streams
-    (:func:`~tfrec_recall.training.streaming.require_streamable`); otherwise the split read into memory (logged
-    with the reason)."""
+    with vocabularies and item counts (and, for examples joined with side-feature tables, the side columns'
+    statistics) written by the Beam jobs into ``vocabulary_dir``, when ``config`` streams
+    (:func:`~tfrec_recall.training.streaming.require_streamable`); otherwise the split read into memory, side
+    tables included (logged with the reason)."""
     from tfrec_recall.config import ConfigError
     from tfrec_recall.data.protocol import read_split_examples
     from tfrec_recall.data.streaming import StreamingSplit, write_vocabularies
