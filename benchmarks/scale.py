@@ -168,7 +168,8 @@ NOTE = ("The peaks in the second RSS column of the run recorded here are `ru_max
         "5M data (5.3 GB) when it started the 5M child. That column's 5M values are the parent's, not training's; the "
         "sampled column is the child's own RSS. The script now reads VmHWM (reset at exec). During the 5M run's test "
         "evaluation `ps` showed the child at 3.3 GB: evaluating all 161,290 users at once holds their rows and "
-        "exclusion lists, over 2 GB (training stays at 1.3 GB).")
+        "exclusion lists, over 2 GB (training stays at 1.3 GB). Evaluation now reads and ranks users in chunks: "
+        "benchmarks/results/scale_evaluation.md measures it at 5M (1.75 GB).")
 
 
 def write_report(runs: List[Dict], prepared: List[Dict], args) -> None:

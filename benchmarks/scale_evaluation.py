@@ -76,8 +76,9 @@ def write_report(runs: List[Dict], prepared: Dict) -> None:
                      f"{r['max_rss_during_eval_mb'] / 1024:.2f} | {r['vm_hwm_mb'] / 1024:.2f} | "
                      f"{r['eval_seconds']:.0f} | {r['test_HR@50']:.4f} | {r['Coverage@50']:.4f} |")
     lines += ["", "The metrics of the chunked and the one-chunk runs must agree (the same model, seed and data; "
-              "tests/test_streaming.py checks the equality on small data). 2 cores, no GPU; load average "
-              f"{os.getloadavg()[0]:.1f} at the end. Child commands:", ""]
+              "tests/test_streaming.py checks the equality on small data). Evaluation seconds are not comparable "
+              "between rows: the children ran one after the other while other jobs shared the machine's 2 cores "
+              f"(no GPU); load average {os.getloadavg()[0]:.1f} at the end. Child commands:", ""]
     lines += [f"- `{r['command']}`" for r in runs]
     (HERE / "results" / "scale_evaluation.md").write_text("\n".join(lines) + "\n")
 
