@@ -255,12 +255,29 @@ SMALL_TRAINER = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_uni
                  "num_negatives": 64}
 
 
-def test_train_dispatches_a_streaming_split_and_refuses_what_it_cannot_do(stream, tmp_path):
+def test_train_dispatches_a_streaming_split(stream, tmp_path):
     from tfrec_recall.training import train
-    with pytest.raises(ValueError, match="log_dir is not supported with a StreamingSplit yet"):
-        train(_config(), stream, log_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="resume_dir works by epochs; it cannot be combined with max_steps"):
+        train(_config(), stream, resume_dir=str(tmp_path), max_steps=3)
     result = train(_config(), stream, evaluate_every=0, verbose=0, max_steps=3)
     assert len(result.history["loss"]) == 1 and result.metrics["users"] == len(stream_users(stream))
+
+
+def test_streamed_training_resumes_from_its_state_and_writes_tensorboard_logs(stream, tmp_path):
+    """A streamed run stopped after epoch 1 (its state written, as a killed run leaves it) resumes at epoch 2:
+    the first epoch's loss is kept, not retrained; other settings are refused by name; TensorBoard scalars and
+    the corpus projector are written."""
+    from tfrec_recall.training import train
+    resume_dir, logs = str(tmp_path / "state"), tmp_path / "logs"
+    first = train(_config(epochs=1), stream, verbose=0, evaluate_every=0, resume_dir=resume_dir)
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["epoch-0001"]
+    resumed = train(_config(epochs=2), stream, verbose=0, evaluate_every=0, resume_dir=resume_dir,
+                    log_dir=str(logs))
+    assert len(resumed.history["loss"]) == 2 and resumed.history["loss"][0] == first.history["loss"][0]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["epoch-0002"]
+    assert list(logs.glob("train/events.out.tfevents.*")) and (logs / "projector_config.pbtxt").exists()
+    with pytest.raises(ConfigError, match="differs in: learning_rate"):
+        train(_config(epochs=3, learning_rate=0.5), stream, verbose=0, evaluate_every=0, resume_dir=resume_dir)
 
 
 def stream_users(stream):

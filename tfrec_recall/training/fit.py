@@ -194,9 +194,9 @@ def train(config: RunConfig, split: Union[Split, StreamingSplit], *, evaluate_ev
     Without a strategy, training runs in this process alone.
 
     ``split`` may be a :class:`~tfrec_recall.data.streaming.StreamingSplit` (record files and Beam-computed
-    vocabularies): training then streams (:func:`tfrec_recall.training.streaming.train_streaming`; TensorBoard
-    logs and resumption are not supported there yet; ``dataset_factory``: a TFX Trainer's
-    ``data_accessor.tf_dataset_factory`` to read the files with)."""
+    vocabularies): training then streams (:func:`tfrec_recall.training.streaming.train_streaming`, with the same
+    logs and resumption; ``dataset_factory``: a TFX Trainer's ``data_accessor.tf_dataset_factory`` to read the
+    files with)."""
     if isinstance(split, StreamingSplit):
         return _train_streamed(config, split, evaluate_every=evaluate_every, verbose=verbose, callbacks=callbacks,
                                max_steps=max_steps, log_dir=log_dir, resume_dir=resume_dir, strategy=strategy,
@@ -234,12 +234,8 @@ def train(config: RunConfig, split: Union[Split, StreamingSplit], *, evaluate_ev
     return _result(model, config, split, history, resume, stopper, time.perf_counter() - start)
 
 
-def _train_streamed(config: RunConfig, source: StreamingSplit, *, log_dir, resume_dir, **kwargs) -> TrainResult:
+def _train_streamed(config: RunConfig, source: StreamingSplit, **kwargs) -> TrainResult:
     from tfrec_recall.training.streaming import train_streaming
-    for name, value in (("log_dir", log_dir), ("resume_dir", resume_dir)):
-        if value is not None:
-            raise ValueError(f"{name} is not supported with a StreamingSplit yet (streamed training has no "
-                             f"TensorBoard logs or resume state), got {value!r}")
     return train_streaming(config, source, **kwargs)
 
 

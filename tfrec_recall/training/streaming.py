@@ -9,12 +9,14 @@ distillation and Deep Retrieval. Ids, history, side features (examples joined wi
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tfrec_recall import storage
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import ConfigError, RunConfig
 from tfrec_recall.data.protocol import EXCLUDE
@@ -32,6 +34,9 @@ from tfrec_recall.training.auxiliary import auxiliary_losses
 from tfrec_recall.training.build import assemble_model, make_optimizer, set_seed, tower
 from tfrec_recall.training.callbacks import StopOnNonFiniteLoss
 from tfrec_recall.training.fit import TrainResult, _scope, selection_callbacks, sharded_by_data
+from tfrec_recall.training.multi_worker import require_strategy, worker_dir
+from tfrec_recall.training.resume import ResumeState
+from tfrec_recall.training.tensorboard import require_log_dir, tensorboard_callbacks
 
 # config key -> the value that streams (what the other values need is held in memory)
 _STREAMABLE = {"example_age": False, "category_alignment_weight": 0.0,
@@ -213,31 +218,83 @@ def _compiled(config: RunConfig, source: StreamingSplit, strategy) -> TwoTower:
     return model
 
 
+def streaming_fingerprint(config: RunConfig, source: StreamingSplit) -> Dict[str, object]:
+    """What must not change between a killed streamed run and its resumption (as
+    :func:`~tfrec_recall.training.resume.fingerprint` for an in-memory split): every configuration key but
+    ``epochs``, and the training data, identified by the training files' names and sizes and the Beam-written
+    training vocabularies and item counts (rows: the sum of the counts)."""
+    digest = hashlib.sha256()
+    for path in sorted(source.train_files):
+        digest.update(f"{storage.name(path)}\x1f{storage.gfile().stat(path).length}\x1e".encode())
+    for path in (source.vocabulary_file(USER_ID), source.counts_file(ITEM_ID)):
+        digest.update(storage.read_bytes(path))
+    keys = {k: v for k, v in config.to_dict().items() if k != "epochs"}
+    _, counts = source.item_counts()
+    return {"config": keys, "train_rows": int(counts.sum()), "train_sha256": digest.hexdigest()}
+
+
+def _resume(model: TwoTower, config: RunConfig, source: StreamingSplit, resume_dir, stopper, strategy,
+            epochs: int):
+    """(the ResumeState or None, the epoch to start at): the state in ``resume_dir`` put back into ``model``."""
+    if resume_dir is None:
+        return None, 0
+    resume = ResumeState(resume_dir, streaming_fingerprint(config, source), stopper, strategy=strategy)
+    widths = _widths(model.training_feature_specs())
+    if model.weight_feature is not None:
+        widths[model.weight_feature] = None
+    batch = next(iter(examples_dataset(source.train_files, widths, config.batch_size, schema=source.schema())))
+    with _scope(strategy):  # the optimizer slots restore_model builds must be the strategy's variables
+        resume.restore_model(model, batch)
+    # A run that early stopping had ended goes straight to the end (where the best weights are put back).
+    return resume, epochs if resume.stopped else resume.initial_epoch
+
+
+def _logging(model: TwoTower, source: StreamingSplit, log_dir: Optional[str]) -> list:
+    """TensorBoard scalars and, at the end of training, the corpus item embeddings for the projector."""
+    return [] if log_dir is None else tensorboard_callbacks(log_dir, lambda: corpus_embeddings(model, source))
+
+
 def train_streaming(config: RunConfig, source: StreamingSplit, *, evaluate_every: int = 1, verbose: int = 1,
                     callbacks: Sequence[tf.keras.callbacks.Callback] = (), max_steps: Optional[int] = None,
                     strategy: Optional[tf.distribute.Strategy] = None, shuffle_buffer: int = 100_000,
                     max_eval_users: Optional[int] = None, evaluate_test: bool = True,
-                    dataset_factory: Optional[DatasetFactory] = None) -> TrainResult:
+                    dataset_factory: Optional[DatasetFactory] = None, log_dir: Optional[str] = None,
+                    resume_dir: Optional[str] = None) -> TrainResult:
     """Fits ``config``'s model on the source's training files, streamed (``shuffle_buffer`` records shuffled at a
     time), as :func:`~tfrec_recall.training.fit.train` does on an in-memory split: validation every
     ``evaluate_every`` epochs (on the first ``max_eval_users`` users when given), early stopping with best-epoch
-    restore, a guard against non-finite losses, ``max_steps`` batches as one epoch. Returns validation and test
-    metrics of the returned model (test only with ``evaluate_test``; both on every user) and indexes the
-    corpus, so ``result.model.recommend`` answers. ``dataset_factory``: a TFX Trainer's
-    ``data_accessor.tf_dataset_factory``."""
+    restore, a guard against non-finite losses, ``max_steps`` batches as one epoch, TensorBoard logs in
+    ``log_dir`` and a resumable state in ``resume_dir`` (written by the chief alone under a multi-worker
+    strategy). Returns validation and test metrics of the returned model (test only with ``evaluate_test``; both
+    on every user) and indexes the corpus, so ``result.model.recommend`` answers. ``dataset_factory``: a TFX
+    Trainer's ``data_accessor.tf_dataset_factory``."""
     if max_steps is not None:
         require_positive_int("max_steps", max_steps)
+        if resume_dir is not None:
+            raise ValueError("resume_dir works by epochs; it cannot be combined with max_steps")
+    log_dir, strategy = require_log_dir(log_dir), require_strategy(strategy)
     set_seed(config.seed)
     model = _compiled(config, source, strategy)
     dataset = training_dataset(model, config, source, max_steps=max_steps, strategy=strategy,
                                shuffle_buffer=shuffle_buffer, dataset_factory=dataset_factory)
     selection = _callbacks(model, config, source, evaluate_every, max_eval_users)
     stopper = next((c for c in selection if isinstance(c, tf.keras.callbacks.EarlyStopping)), None)
+    epochs = config.epochs if max_steps is None else 1
+    resume, initial_epoch = _resume(model, config, source, resume_dir, stopper, strategy, epochs)
     guard = StopOnNonFiniteLoss(f"learning_rate={config.learning_rate}, temperature={config.temperature}")
     start = time.perf_counter()
-    history = model.fit(dataset, epochs=config.epochs if max_steps is None else 1, verbose=verbose,
-                        callbacks=[guard, *selection, *callbacks]).history
+    with worker_dir(log_dir, strategy) as logs_to:  # a non-chief's logs go to a temporary, removed afterwards
+        history = model.fit(dataset, epochs=epochs, verbose=verbose, initial_epoch=initial_epoch,
+                            callbacks=[guard, *selection, *([resume] if resume else []), *callbacks,
+                                       *_logging(model, source, logs_to)]).history
     seconds = time.perf_counter() - start
+    return _result(model, config, source, resume.history if resume else history, stopper, seconds,
+                   evaluate_every, evaluate_test)
+
+
+def _result(model: TwoTower, config: RunConfig, source: StreamingSplit, history, stopper, seconds: float,
+            evaluate_every: int, evaluate_test: bool) -> TrainResult:
+    """Validation and test metrics of the trained model, its serving index, and the whole run's history."""
     best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else None
     valid = evaluate_streaming(model, source, "valid", config.ks) if evaluate_every else {}
     test = evaluate_streaming(model, source, "test", config.ks) if evaluate_test else {}
