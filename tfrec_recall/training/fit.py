@@ -105,10 +105,10 @@ def _scope(strategy):
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
-def _compiled_model(config: RunConfig, split: Split, strategy):
-    """The model, built and compiled in the strategy's scope (when there is one)."""
+def _compiled_model(config: RunConfig, split, strategy, build=build_model):
+    """``build(config, split)``'s model, built and compiled in the strategy's scope (when there is one)."""
     with _scope(strategy):
-        model = build_model(config, split)
+        model = build(config, split)
         model.compile(optimizer=make_optimizer(config))
     if strategy is not None:
         # The logged values are already the global batch's (the loss trackers' sync-on-read variables sum over

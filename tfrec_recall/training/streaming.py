@@ -31,9 +31,9 @@ from tfrec_recall.layers.towers import tower_class
 from tfrec_recall.layers.towers.base import Tower
 from tfrec_recall.models.two_tower import TwoTower
 from tfrec_recall.training.auxiliary import auxiliary_losses
-from tfrec_recall.training.build import assemble_model, make_optimizer, set_seed, tower
+from tfrec_recall.training.build import assemble_model, set_seed, tower
 from tfrec_recall.training.callbacks import StopOnNonFiniteLoss
-from tfrec_recall.training.fit import TrainResult, _scope, selection_callbacks, sharded_by_data
+from tfrec_recall.training.fit import TrainResult, _compiled_model, _scope, selection_callbacks, sharded_by_data
 from tfrec_recall.training.multi_worker import require_strategy, worker_dir
 from tfrec_recall.training.resume import ResumeState
 from tfrec_recall.training.tensorboard import require_log_dir, tensorboard_callbacks
@@ -210,12 +210,7 @@ def _compiled(config: RunConfig, source: StreamingSplit, strategy) -> TwoTower:
     if strategy is not None and config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"batch_size (the global batch) must be a multiple of the strategy's "
                          f"{strategy.num_replicas_in_sync} replicas, got {config.batch_size}")
-    with _scope(strategy):
-        model = build_streaming_model(config, source)
-        model.compile(optimizer=make_optimizer(config))
-    if strategy is not None:
-        model.distribute_reduction_method = "first"  # as in training.fit: the logged values are global already
-    return model
+    return _compiled_model(config, source, strategy, build=build_streaming_model)
 
 
 def streaming_fingerprint(config: RunConfig, source: StreamingSplit) -> Dict[str, object]:
