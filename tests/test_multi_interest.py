@@ -12,7 +12,6 @@ import tensorflow as tf
 from tfrec_recall import cli, training
 from tfrec_recall.config import ConfigError, RunConfig, load_config
 from tfrec_recall.data import leave_last_out, make_multi_interest
-from tfrec_recall.evaluation.evaluate import evaluate
 from tfrec_recall.evaluation.interests import split_interest_recovery
 from tfrec_recall.features import IdFeature
 from tfrec_recall.export import export_retrieval_model
@@ -24,11 +23,15 @@ from tfrec_recall.tasks.auxiliary import AlignmentLoss
 from tfrec_recall.tasks.contrastive import ContrastiveLoss
 from tfrec_recall.tasks.dat import CategoryAlignmentLoss
 from tfrec_recall.tasks.retrieval import RetrievalTask
-from tests.test_serving import serving_exports
+from tests.test_two_tower_options import background_server, briefly_trained
 
 TINY = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [16], "batch_size": 256,
         "attention_blocks": 1}
 TOWERS = ("mind", "comirec_dr", "comirec_sa", "self_attentive", "sdm")  # the last two: one vector per user
+# Towers whose training step runs traced (graph mode) elsewhere in this module: the quality test trains mind and
+# comirec_sa, the CLI tests comirec_sa and sdm, all through training.train. The export fixture runs their step
+# eagerly (tracing it costs more than the steps); the others it traces, so every tower's graph is trained here.
+TRACED_ELSEWHERE = ("mind", "comirec_sa", "sdm")
 K = 10
 
 
@@ -117,8 +120,9 @@ def test_multi_interest_models_beat_the_single_vector_tower_on_users_with_severa
     for tower in ("mlp", "mind", "comirec_sa"):
         config = _config(tower)
         untrained[tower] = split_interest_recovery(training.build_model(config, split), split, truth)
-        model = training.train(config, split, evaluate_every=0, verbose=0).model
-        hr[tower] = evaluate(model, split, "test", ks=(10, 50))["HR@10"]
+        result = training.train(config, split, evaluate_every=0, verbose=0)
+        model = result.model
+        hr[tower] = result.metrics["HR@10"]  # train's own test evaluation (exact search), as evaluate(..., "test")
         recovery[tower] = split_interest_recovery(model, split, truth)
     print("HR@10", hr, "recovery", recovery, "untrained", untrained)
     assert hr["mlp"] > 0.3  # the single-vector baseline learns (chance 0.027)
@@ -129,36 +133,59 @@ def test_multi_interest_models_beat_the_single_vector_tower_on_users_with_severa
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, small_split):
-    """Each sequence / multi-interest tower trained for an epoch on the small split and exported (brute force,
-    k = 10) under its name."""
+def exports(tmp_path_factory, small_split):
+    """Each sequence / multi-interest tower briefly trained (``briefly_trained``: a few batches, traced unless
+    TRACED_ELSEWHERE) on the small split and exported (brute force, k = 10) under its name; then one
+    `tfrec-recall serve` process answering every tower's export under the tower's name, started in the
+    background (``server``)."""
     root = tmp_path_factory.mktemp("multi_interest")
     out = {}
     for name in TOWERS:
         config = load_config("youtube_dnn", overrides={**TINY, "query_tower": name})
-        model = training.train(config, small_split, evaluate_every=0, verbose=0).model
+        model = briefly_trained(config, small_split, eagerly=name in TRACED_ELSEWHERE)
         features = training.feature_arrays(small_split.test.head(12), small_split.data, model.query_tower.input_specs)
         table = training.corpus_arrays(small_split, model.candidate_tower.input_specs)
         export_retrieval_model(model, table, index=BruteForce(max_k=K), export_dir_base=root / name, k=K)
         out[name] = {"model": model, "features": features, "table": table}
+    with background_server(root, list(out)) as port:
+        yield root, out, port
+
+
+@pytest.fixture(scope="module")
+def exported(exports):
+    root, out, _ = exports
     return root, out
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """``loaded(name)``: tf.saved_model.load of the tower's export, loaded once for the module (a load costs
+    seconds; the tests only call its signatures)."""
+    root, _ = exported
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            cache[name] = tf.saved_model.load(str(root / name / "1"))
+        return cache[name]
+    return load
 
 
 def _history_lists(features):
     return [[i for i in row if i] for row in features["history"]]
 
 
-def test_each_export_answers_as_the_model_and_records_the_interests(exported):
+def test_each_export_answers_as_the_model_and_records_the_interests(exported, loaded):
     root, models = exported
     for name, entry in models.items():
-        loaded = tf.saved_model.load(str(root / name / "1"))
-        served = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in entry["features"].items()})
+        export, inputs = loaded(name), {k: tf.constant(v) for k, v in entry["features"].items()}
+        served = export.signatures["serving_default"](**inputs)
         model = entry["model"]
         model.index_candidates(np.asarray(entry["table"]["item_id"]).astype(str), entry["table"], max_k=K)
         _, ids = model.recommend(entry["features"], k=K, exclude=_history_lists(entry["features"]))
         np.testing.assert_array_equal(served["item_ids"].numpy(), ids.numpy(), err_msg=name)
         manifest = json.loads((root / name / "1" / "assets" / "manifest.json").read_text())
-        embedding = loaded.signatures["query_embedding"](**{k: tf.constant(v) for k, v in entry["features"].items()})
+        embedding = export.signatures["query_embedding"](**inputs)
         if name in ("self_attentive", "sdm"):
             assert manifest["num_interests"] == 1 and manifest["merge"] is None
             assert embedding["query_embedding"].shape == (12, 16)
@@ -170,14 +197,14 @@ def test_each_export_answers_as_the_model_and_records_the_interests(exported):
                                       model.query_tower.interest_mask(entry["features"]).numpy())
 
 
-def test_multi_interest_export_serves_from_ivf_and_scann_as_from_brute_force(exported, tmp_path):
+def test_multi_interest_export_serves_from_ivf_and_scann_as_from_brute_force(exported, loaded, tmp_path):
     """IVF probing every list and ScaNN searching every leaf and re-scoring every candidate exactly are exact
     searches: the merged answers equal brute force's."""
     import scann  # noqa: F401  (registers the ScaNN ops for loading)
-    root, models = exported
+    _, models = exported
     entry = models["comirec_sa"]
     inputs = {k: tf.constant(v) for k, v in entry["features"].items()}
-    brute = tf.saved_model.load(str(root / "comirec_sa" / "1")).signatures["serving_default"](**inputs)
+    brute = loaded("comirec_sa").signatures["serving_default"](**inputs)
     config = ScaNNConfig().tree(num_leaves=4, num_leaves_to_search=4).reorder(len(entry["table"]["item_id"]))
     for name, index in (("ivf", IVF(max_k=K, num_lists=4, num_probes=4, target_recall=None)),
                         ("scann", ScaNN(config, max_k=K, target_recall=None))):  # no tuning: every list searched
@@ -215,18 +242,16 @@ def test_export_merge_options_and_their_errors(exported, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(exported):
-    """One `tfrec-recall serve` process answering every tower's export under the tower's name."""
-    root, models = exported
-    with serving_exports(root, list(models)) as port:
-        yield port
+def server(exports):
+    """The port of the `tfrec-recall serve` process answering every tower's export under the tower's name."""
+    return exports[2].result(timeout=300)
 
 
 @pytest.mark.parametrize("name", TOWERS)
-def test_the_local_server_and_grpc_client_answer_the_tower(exported, server, name):
-    root, models = exported
+def test_the_local_server_and_grpc_client_answer_the_tower(exported, loaded, server, name):
+    _, models = exported
     entry = models[name]
-    expected = tf.saved_model.load(str(root / name / "1")).signatures["serving_default"](
+    expected = loaded(name).signatures["serving_default"](
         **{k: tf.constant(v) for k, v in entry["features"].items()})
     with GrpcClient(f"127.0.0.1:{server}", name) as client:
         out = client.predict(entry["features"])
