@@ -65,8 +65,9 @@ def _common(parser) -> None:
                              "this ABSOLUTE amount of HR@50 (default 0.02)")
     parser.add_argument("--margin", type=_margin, default=0.01,
                         help="largest drop below the latest blessed model's HR@50 / NDCG@10 still blessed")
-    parser.add_argument("--index", choices=IndexChoices(), default="brute_force", metavar="INDEX",
-                        help="registered index type: %(choices)s (default %(default)s)")
+    parser.add_argument("--index", choices=IndexChoices(deep_retrieval=True), default=None, metavar="INDEX",
+                        help="exported index: %(choices)s (default: deep_retrieval for a model trained with "
+                             "deep_retrieval: true, else brute_force)")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--beam-arg", action="append", default=[], metavar="ARG",
                         help="Beam pipeline argument, repeatable; write it with '=', e.g. "

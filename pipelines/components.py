@@ -15,7 +15,9 @@ and record results in ML Metadata.
   splits, of the most-popular ranker (``tfrec_recall.evaluation.baselines``) on the same rows, and of the latest blessed
   model when the Resolver found one, on the same data. Blesses only when the model's HR@50 beats the most-popular
   ranker's by ``popularity_margin`` (absolute), meets the optional absolute thresholds and does not fall behind
-  the latest blessed model by more than ``margin``. Writes metrics.json, report.html and report.png.
+  the latest blessed model by more than ``margin``. Writes metrics.json, report.html and report.png. A model whose
+  configuration streams is evaluated from the split files chunk by chunk (``ExamplesEvaluator``), the split is
+  never read whole; other models on the split read into memory.
 * ``RetrievalExporter``: the SavedModel with the index inside (``Format-Serving``), in TF Serving's layout.
 * ``ExportInfraCheck``: loads that export in a fresh process and answers one request; an ``InfraBlessing``.
 """
@@ -166,31 +168,18 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
                        margin: Parameter[float] = 0.01, popularity_margin: Parameter[float] = 0.02,
                        blessing_split: Parameter[str] = "eval",
                        ks_json: Parameter[str] = "[10, 50, 100]") -> None:
-    from tfrec_recall.evaluation.baselines import most_popular_metrics
-    from tfrec_recall.data.protocol import read_split_examples
-    from tfrec_recall.evaluation.blessing import evaluate_model, judge, write_report
-    from tfrec_recall.training import load_run_config
+    from tfrec_recall.evaluation.blessing import EXAMPLE_SPLITS, ExamplesEvaluator, judge, write_report
     thresholds, compare, ks = json.loads(thresholds_json), json.loads(compare_metrics_json), json.loads(ks_json)
-    which = {"eval": "valid", "test": "test"}
-    if blessing_split not in which:
-        raise ValueError(f"blessing_split must be 'eval' or 'test', got {blessing_split!r}")
-
-    splits = {}  # by history length: the candidate and the baseline usually share one reading
-
-    def metrics_of(artifact):
-        model_dir = os.path.join(artifact.uri, SERVING_SUBDIR)
-        history_length = load_run_config(model_dir).history_length
-        if history_length not in splits:
-            splits[history_length] = read_split_examples(examples.uri, history_length)
-        out = evaluate_model(model_dir, splits[history_length], list(which.values()), ks)
-        return {name: out[key] for name, key in which.items()}, splits[history_length]
-
-    metrics, split = metrics_of(model)
-    # The most-popular ranker on the same rows (its ranking does not depend on the history length).
-    popularity = {name: most_popular_metrics(split, key, ks) for name, key in which.items()}
+    if blessing_split not in EXAMPLE_SPLITS:
+        raise ValueError(f"blessing_split must be one of {sorted(EXAMPLE_SPLITS)}, got {blessing_split!r}")
+    evaluator = ExamplesEvaluator(examples.uri, ks)  # the candidate and the baseline share one reading
+    model_dir = os.path.join(model.uri, SERVING_SUBDIR)
+    metrics = evaluator.metrics(model_dir)
+    # The most-popular ranker on the same rows and candidates (its ranking does not depend on the history length).
+    popularity = evaluator.popularity(model_dir)
     baseline = None
     if baseline_model is not None and baseline_model.id != model.id:
-        baseline, _ = metrics_of(baseline_model)
+        baseline = evaluator.metrics(os.path.join(baseline_model.uri, SERVING_SUBDIR))
     verdict = judge(metrics[blessing_split], thresholds, baseline[blessing_split] if baseline else None, margin,
                     compare, popularity=popularity[blessing_split], popularity_margin=popularity_margin)
     result = {"blessed": verdict["blessed"], "checks": verdict["checks"], "blessing_split": blessing_split,
@@ -198,7 +187,8 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
               "baseline_model": baseline_model.uri if baseline else None,
               "baseline_model_id": baseline_model.id if baseline else None,
               "metrics": metrics, "popularity_metrics": popularity, "baseline_metrics": baseline,
-              "candidates": len(split.data.items)}
+              "candidates": len(evaluator.candidates(model_dir)[0]),
+              "examples_read": "streamed" if evaluator.streams(model_dir) else "in memory"}
     write_report(evaluation.uri, result)
     _record_verdict(result, verdict, model, baseline_model if baseline else None, evaluation, blessing)
 

@@ -104,6 +104,19 @@ def side_feature_components(split, side_features: Optional[SideFeatures], user_f
     return [*tables.values(), join]
 
 
+def _export_index(index: Optional[str], run_config) -> str:
+    """The exported index's name: ``index`` checked against the registered ones and the trained model, or the
+    model's own when None (its beam search for a Deep Retrieval model, exact search otherwise)."""
+    from tfrec_recall.export.run_index import DEEP_RETRIEVAL
+    if index is None:
+        return DEEP_RETRIEVAL if run_config.deep_retrieval else "brute_force"
+    choices = index_names() + (DEEP_RETRIEVAL,)
+    _check(index in choices, "index", index, f"must be one of {choices}")
+    _check(index != DEEP_RETRIEVAL or run_config.deep_retrieval, "index", index,
+           "needs a model trained with deep_retrieval: true (set it in the preset or config)")
+    return index
+
+
 def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, serving_dir: str,
                     data_format: str = "csv", id_type: str = "string", schema_file: Optional[str] = None,
                     history_length: int = 50, preset: str = DEFAULT_PRESET,
@@ -113,7 +126,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
                     thresholds: Optional[Mapping[str, float]] = None,
                     compare_metrics: Sequence[str] = ("HR@50", "NDCG@10"), margin: float = 0.01,
                     popularity_margin: float = 0.02,
-                    blessing_split: str = "eval", index: str = "brute_force", k: int = 100,
+                    blessing_split: str = "eval", index: Optional[str] = None, k: int = 100,
                     enable_cache: bool = True, metadata_path: Optional[str] = None,
                     beam_pipeline_args: Sequence[str] = ()) -> tfx.dsl.Pipeline:
     """The retrieval pipeline; a pure function of its arguments (nothing is read or written here).
@@ -139,7 +152,9 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         difference of HR@50 (0.02: two percentage points), not a ratio. Every ``thresholds`` metric must be
         >= its absolute bound (default none). Every ``compare_metrics`` metric must not fall more than
         ``margin`` (absolute) below the latest blessed model's, recomputed on the same data.
-      index / k: the index exported with the model and the number of results it returns.
+      index / k: the index exported with the model (a registered name, or ``"deep_retrieval"``: the beam search
+        of a model trained with ``deep_retrieval: true``; None: that for such a model, else ``"brute_force"``) and
+        the number of results it returns.
       metadata_path: an SQLite ML Metadata file (local runs); None leaves the connection to the orchestrator.
       beam_pipeline_args: passed to every Beam-based component (e.g. ``--runner=FlinkRunner``).
     """
@@ -151,7 +166,6 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
     for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):
         _check(isinstance(value, str) and bool(value), name, value, "must be a non-empty path")
     _check(data_format in DATA_FORMATS, "data_format", data_format, f"must be one of {DATA_FORMATS}")
-    _check(index in index_names(), "index", index, f"must be one of {index_names()}")
     _check(blessing_split in ("eval", "test"), "blessing_split", blessing_split, "must be 'eval' or 'test'")
     _check(isinstance(history_length, int) and history_length >= 1, "history_length", history_length,
            "must be a positive integer")
@@ -181,6 +195,7 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
                f"use one of {sorted(metric_names)}")
     _check(POPULARITY_METRIC in metric_names, "config ks", list(run_config.ks),
            f"must include {POPULARITY_METRIC.split('@')[1]}: the popularity check compares {POPULARITY_METRIC}")
+    index = _export_index(index, run_config)
 
     data = data_components(data_root, data_format, schema_file, history_length)
     data += side_feature_components(data[-1], side_features, user_features_root, item_features_root)

@@ -329,3 +329,38 @@ def test_cli_trains_exports_and_refuses_bad_index_flags(tmp_path, monkeypatch, c
     assert cli.main(["export", "--model-dir", str(plain), "--k", "5", "--index", "deep_retrieval",
                      "--export-dir-base", str(tmp_path / "p")]) == 2
     assert "--index deep_retrieval needs a run trained with deep_retrieval: true" in capsys.readouterr().err
+
+
+def test_pipeline_evaluator_and_exporter_use_the_runs_beam_search(small_split, dr_run, tmp_path):
+    """The pipeline's steps on a saved Deep Retrieval run: the evaluator measures its beam search (the metrics
+    ``train`` reported), the exporter serves it (``index="deep_retrieval"``, as ``create_pipeline`` picks for
+    such a model), and both refuse the beam search for a run without a path structure."""
+    import json
+    from pipelines.pipeline import _export_index
+    from tfrec_recall.config import load_config
+    from tfrec_recall.evaluation.blessing import evaluate_model
+    from tfrec_recall.export.pipeline_export import export_for_serving
+    config, result = dr_run
+    run_dir = training.save_run(result, small_split, tmp_path / "run", config, {"source": "test"})
+    metrics = evaluate_model(str(run_dir), small_split, ("valid", "test"), config.ks)
+    assert metrics["test"] == pytest.approx(result.metrics, rel=1e-6)
+    assert metrics["valid"] == pytest.approx(result.valid_metrics, rel=1e-6)
+    assert _export_index(None, config) == "deep_retrieval"
+    out = export_for_serving(str(run_dir), str(tmp_path / "export"), index="deep_retrieval", k=10)
+    manifest = json.loads((Path(out) / "assets" / "manifest.json").read_text())
+    assert manifest["index"]["type"] == "DeepRetrievalIndex" and manifest["index"]["beam_width"] == 4
+    features = training.feature_arrays(small_split.test.head(5), small_split.data,
+                                       result.model.query_tower.serving_specs)
+    served = tf.saved_model.load(out).signatures["serving_default"](
+        **{name: tf.constant(v) for name, v in features.items()})
+    _, ids = result.model.recommend(features, k=10, exclude=[[i for i in row if i] for row in features["history"]])
+    np.testing.assert_array_equal(served["item_ids"].numpy(), ids.numpy())
+    plain = load_config("youtube_dnn")
+    assert _export_index(None, plain) == "brute_force"
+    with pytest.raises(ValueError, match="index needs a model trained with deep_retrieval: true .*got 'deep_retrieval'"):
+        _export_index("deep_retrieval", plain)
+    import dataclasses
+    from tfrec_recall.export.run_index import deep_retrieval_run_index
+    run = dataclasses.replace(training.load_run(str(run_dir)), structure=None)
+    with pytest.raises(ValueError, match="index 'deep_retrieval' needs a run trained with deep_retrieval: true"):
+        deep_retrieval_run_index(run, 10)

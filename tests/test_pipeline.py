@@ -164,7 +164,8 @@ def test_most_popular_metrics_golden():
     assert valid["HR@1"] == pytest.approx((1 + 1 + 0) / 3)
     assert valid["HR@2"] == pytest.approx((1 + 1 + 1 / 3) / 3)  # 7/9
     assert valid["HR@3"] == pytest.approx((1 + 1 + 2 / 3) / 3)  # 8/9
-    assert valid["MRR"] == pytest.approx((1 + 1 + (1 / 2 + 1 / 3 + 1 / 4) / 3) / 3)  # 85/108
+    # MRR counts ranks within the top max(ks) = 3, as for a model: u3's rank 4 counts 0.
+    assert valid["MRR"] == pytest.approx((1 + 1 + (1 / 2 + 1 / 3 + 0) / 3) / 3)  # 41/54
     # Test: every user's item has count 0, below c (u1, u3) or b (u2), tied with two others: HR@2 = 1/3 each.
     test = most_popular_metrics(split, "test", ks=(1, 2, 4))
     assert (test["HR@1"], test["HR@2"], test["HR@4"]) == pytest.approx((0.0, 1 / 3, 1.0))
@@ -222,6 +223,7 @@ def _pipeline(root: Path, **overrides):
 @pytest.mark.parametrize("change, message", [
     ({"data_format": "parquet"}, "data_format must be one of"),
     ({"index": "hnsw"}, "index must be one of"),
+    ({"index": "deep_retrieval"}, "index needs a model trained with deep_retrieval: true .*got 'deep_retrieval'"),
     ({"k": 0}, "k must be a positive integer, got 0"),
     ({"train_steps": -1}, "train_steps must be None or a positive integer, got -1"),
     ({"thresholds": {"HR@7": 0.1}}, "metric is not computed .*got 'HR@7'"),
@@ -243,6 +245,19 @@ def _pipeline(root: Path, **overrides):
 def test_create_pipeline_rejects_bad_arguments(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         _pipeline(tmp_path, **change)
+
+
+def test_the_exported_index_defaults_to_the_models_own(tmp_path):
+    """A Deep Retrieval model is exported with its beam search unless another index is asked for; any other model
+    with exact search."""
+    def exported_index(**overrides):
+        pipeline = _pipeline(tmp_path, **overrides)
+        exporter, = [c for c in pipeline.components if c.id == "RetrievalExporter"]
+        return exporter.exec_properties["index"]
+    deep_retrieval = {**SMALL, "deep_retrieval": True}
+    assert exported_index(config=deep_retrieval) == "deep_retrieval"
+    assert exported_index(config=deep_retrieval, index="ivf") == "ivf"
+    assert exported_index() == "brute_force"
 
 
 def test_kubeflow_v2_spec_names_every_component(tmp_path):
@@ -382,6 +397,7 @@ def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     assert first[resolver].state == "COMPLETE"
     evaluation = json.loads(Path(first["RetrievalEvaluator"].outputs["evaluation"]["uri"], "metrics.json").read_text())
     assert evaluation["blessed"] and evaluation["baseline_model"] is None
+    assert evaluation["examples_read"] == "streamed"  # the preset streams: the evaluator never reads a split whole
     split = leave_last_out(small_data, history_length=10)
     chance = chance_hit_rate(split, 50, "valid")  # random ranking: 50 / (200 items - ~14 excluded) = 0.269
     assert evaluation["metrics"]["eval"]["HR@50"] >= 1.5 * chance, (evaluation["metrics"]["eval"], chance)

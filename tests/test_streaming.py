@@ -220,13 +220,13 @@ def test_pipeline_split_examples_stream(small_data, small_split, tmp_path):
     assert evaluate_streaming(model, stream, "test") == pytest.approx(evaluate(model, small_split, "test"), rel=1e-12)
 
 
-def test_trainer_run_fn_streams_through_the_data_accessor(stream, small_split, tmp_path):
+def test_trainer_run_fn_streams_through_the_data_accessor(stream, small_split, tmp_path, monkeypatch):
     """The TFX Trainer's run_fn on the split examples: vocabularies by the Beam jobs into model_run_dir, the
     training batches from the DataAccessor's factory, and a run directory that load_run reads."""
     import types
     from tfx_bsl.public import tfxio
     from tfrec_recall.training.run_dir import load_run
-    from tfrec_recall.training.tfx_trainer import run_fn
+    from tfrec_recall.training.tfx_trainer import examples_uri, run_fn
     calls = []
 
     def factory(files, options, schema):
@@ -249,6 +249,28 @@ def test_trainer_run_fn_streams_through_the_data_accessor(stream, small_split, t
     assert run.config.dat and run.config.use_side_features
     assert [s.name for s in run.candidate_tower.input_specs] == ["item_id", "category", "tags", "price"]
     assert (tmp_path / "model_run" / "vocabularies" / "side" / "category.vocab").exists()
+    _check_examples_evaluator(str(tmp_path / "serving_model"), examples_uri(stream.train_files), small_split,
+                              monkeypatch)
+
+
+def _check_examples_evaluator(model_dir, examples, small_split, monkeypatch):
+    """The pipeline evaluator's metrics of a streamed run, read chunk by chunk from the examples, equal those on
+    the examples read into memory (the path of runs that do not stream), and so does the most-popular ranker."""
+    from tfrec_recall.evaluation.baselines import training_counts
+    from tfrec_recall.evaluation.blessing import ExamplesEvaluator
+    from tfrec_recall.training.run_dir import load_run
+    streamed = ExamplesEvaluator(examples)
+    assert streamed.streams(model_dir)
+    got = {"metrics": streamed.metrics(model_dir), "popularity": streamed.popularity(model_dir)}
+    monkeypatch.setattr(ExamplesEvaluator, "streams", lambda self, run: False)
+    in_memory = ExamplesEvaluator(examples)
+    for key, value in (("metrics", in_memory.metrics(model_dir)), ("popularity", in_memory.popularity(model_dir))):
+        for name in ("eval", "test"):
+            assert got[key][name] == pytest.approx(value[name], rel=1e-9), (key, name)
+    assert got["metrics"]["eval"]["users"] == len(small_split.valid) and got["metrics"]["eval"]["HR@50"] > 0
+    run = load_run(model_dir)  # the counts saved with the run: each candidate's training interactions
+    expected = dict(zip(small_split.data.items, training_counts(small_split)))
+    assert run.candidate_counts.tolist() == [expected[i] for i in run.candidate_ids]
 
 
 SMALL_TRAINER = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [32], "batch_size": 64,
@@ -285,3 +307,29 @@ def stream_users(stream):
     spec = {"user_id": tf.io.FixedLenFeature([], tf.string)}
     return {x["user_id"].numpy() for x in tf.data.TFRecordDataset(list(stream.test_files), "GZIP")
             .map(lambda r: tf.io.parse_single_example(r, spec))}
+
+
+def test_most_popular_ranker_streamed_equals_in_memory(stream, small_split, tmp_path):
+    """``most_popular_examples`` over the example files (tied counts by expected rank through an exact search of
+    the counts) gives ``most_popular_metrics``' numbers on the in-memory split; bad counts are refused."""
+    from tfrec_recall.evaluation.baselines import most_popular_metrics, training_counts
+    from tfrec_recall.evaluation.streamed import most_popular_examples
+    ids, counts = small_split.data.items, training_counts(small_split)
+    assert len(set(counts.tolist())) < len(counts)  # ties exist: the expected rank matters
+    for which in ("valid", "test"):
+        got = most_popular_examples(ids, counts, stream.files(which), stream.schema(), users_per_chunk=64)
+        assert got == pytest.approx(most_popular_metrics(small_split, which), rel=1e-9), which
+    with pytest.raises(ValueError, match=r"counts must have one value per id: shapes \(2,\) and \(3,\)"):
+        most_popular_examples(ids[:3], counts[:2], stream.files("test"), stream.schema())
+    with pytest.raises(ValueError, match="counts must be finite and non-negative"):
+        most_popular_examples(ids[:2], np.array([1.0, -1.0]), stream.files("test"), stream.schema())
+    import os
+    import yaml
+    from tfrec_recall.evaluation.blessing import ExamplesEvaluator
+    run = tmp_path / "run"  # saved before the counts were kept: what the evaluator needs of it, and no counts
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"config": _config().to_dict(), "dataset": {}}))
+    np.savez(run / "candidates.npz", ids=ids.astype(str), embeddings=np.zeros((len(ids), 2)))
+    examples = os.path.dirname(os.path.dirname(stream.train_files[0]))
+    with pytest.raises(ValueError, match="candidates.npz has no training counts .*retrain it"):
+        ExamplesEvaluator(examples).popularity(str(run))

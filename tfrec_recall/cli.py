@@ -20,8 +20,6 @@ from tfrec_recall.data.schema import DataError
 
 VERBOSE = "--verbose"
 # Flags of `train` that override a configuration key.
-DEEP_RETRIEVAL = "deep_retrieval"  # the export index of a run trained with deep_retrieval: true (not registered:
-# it needs the run's path structure, not only embeddings)
 TRAIN_FLAGS = {"--epochs": "epochs", "--learning-rate": "learning_rate", "--patience": "patience"}
 
 
@@ -30,12 +28,13 @@ class IndexChoices:
     only when an ``--index`` value is checked or help is printed, so building a parser imports no TensorFlow.
     Give the option a ``metavar`` (argparse lists choices in the usage otherwise)."""
 
-    def __init__(self, extra: tuple = ()):
-        self.extra = tuple(extra)
+    def __init__(self, deep_retrieval: bool = False):
+        self.deep_retrieval = deep_retrieval  # also offer a Deep Retrieval run's own beam-search index
 
     def names(self):
+        from tfrec_recall.export.run_index import DEEP_RETRIEVAL
         from tfrec_recall.retrievers import index_names  # imports TensorFlow
-        return tuple(index_names()) + self.extra
+        return tuple(index_names()) + ((DEEP_RETRIEVAL,) if self.deep_retrieval else ())
 
     def __contains__(self, value) -> bool:
         return value in self.names()
@@ -98,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a trained model with a top-k index for TF Serving")
     export.add_argument("--model-dir", required=True)
-    export.add_argument("--index", choices=IndexChoices(extra=(DEEP_RETRIEVAL,)), default=None, metavar="INDEX",
+    export.add_argument("--index", choices=IndexChoices(deep_retrieval=True), default=None, metavar="INDEX",
                         help="index type: %(choices)s (default: deep_retrieval for a run trained with "
                              "deep_retrieval: true, brute_force otherwise)")
     export.add_argument("--beam-width", type=int, default=None,
@@ -287,6 +286,7 @@ def _export(args) -> int:
     import tensorflow as tf
     from tfrec_recall import training
     from tfrec_recall.export import export_retrieval_model, make_index
+    from tfrec_recall.export.run_index import DEEP_RETRIEVAL
     from tfrec_recall.features import feature_arrays
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1, got {args.k}")
@@ -329,15 +329,14 @@ def _export(args) -> int:
 
 def _deep_retrieval_index(run, args):
     """The run's beam-search index over its candidates (a run trained with ``deep_retrieval: true``)."""
-    from tfrec_recall.retrievers.deep_retrieval import DeepRetrievalIndex
+    from tfrec_recall.export.run_index import DEEP_RETRIEVAL, deep_retrieval_run_index
     if run.structure is None:
         raise ConfigError(f"--index {DEEP_RETRIEVAL} needs a run trained with deep_retrieval: true; "
                           f"{args.model_dir!r} has no path structure")
-    width = run.config.dr_beam_width if args.beam_width is None else args.beam_width
     try:
-        index = DeepRetrievalIndex(run.structure, beam_width=width, rerank=run.config.dr_rerank, max_k=args.k)
-        return index.index(run.candidate_ids, run.candidate_embeddings, paths=run.candidate_paths)
+        return deep_retrieval_run_index(run, args.k, args.beam_width)
     except ValueError as error:  # a beam width beyond K^D or below J
+        width = run.config.dr_beam_width if args.beam_width is None else args.beam_width
         raise ConfigError(f"--beam-width {width}: {error}") from None
 
 

@@ -1,6 +1,6 @@
-"""Reference rankers evaluated by the same protocol as the models (../shared/PROTOCOL.md): every item of the
-corpus ranked, the user's training items excluded, expected metrics under random tie-breaking
-(``tfrec_recall.evaluation.metrics.full_corpus_metrics``).
+"""Reference rankers evaluated by the same protocol and the same code as the models (../shared/PROTOCOL.md,
+``tfrec_recall.evaluation.retrieval``): every item of the corpus ranked, the user's training items excluded,
+expected metrics under random tie-breaking (MRR within the top max(ks), as for a model).
 
 * :func:`most_popular_metrics`: every user gets the same ranking, items by their number of training
   interactions. A retrieval model that does not beat it has learnt nothing beyond popularity; the TFX
@@ -8,13 +8,15 @@ corpus ranked, the user's training items excluded, expected metrics under random
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
 from tfrec_recall.data.split import Split
-from tfrec_recall.evaluation.metrics import full_corpus_metrics
+from tfrec_recall.evaluation.ranked import check_ks
+from tfrec_recall.evaluation.retrieval import evaluate_retriever_in_chunks
+from tfrec_recall.retrievers.brute_force import BruteForce
 
 WHICH = ("valid", "test")
 
@@ -44,11 +46,26 @@ def training_counts(split: Split) -> np.ndarray:
 def most_popular_metrics(split: Split, which: str = "valid", ks: Sequence[int] = (10, 50, 100)) -> Dict[str, float]:
     """Full-corpus metrics of the most-popular ranker on ``split.<which>`` ("valid" or "test"): an item's score
     is its training count, the same for every user; the user's training items are excluded and tied counts
-    rank by expected rank, as for a model. Returns the keys of ``full_corpus_metrics`` (HR@K, Recall@K,
-    NDCG@K, MRR, Coverage@K, users)."""
+    rank by expected rank, as for a model (:func:`most_popular_in_chunks`). Returns HR@K, Recall@K, NDCG@K,
+    MRR, Coverage@K and users."""
     users, positives, exclude = evaluation_rows(split, which)
     if not users:
         raise ValueError(f"split.{which} has no rows: nothing to evaluate")
-    counts = training_counts(split)[:, None]  # (items, 1): the count is a 1-d candidate "embedding"
-    queries = np.ones((len(users), 1), dtype=np.float32)  # score = 1 * count
-    return full_corpus_metrics(queries, counts, positives, exclude, ks=ks)
+    items = np.asarray(split.data.items).astype(str)
+    chunk = ([items[rows].tolist() for rows in positives], [items[rows].tolist() for rows in exclude])
+    return most_popular_in_chunks(items, training_counts(split), [chunk], ks)
+
+
+def most_popular_in_chunks(ids: np.ndarray, counts: np.ndarray, chunks: Iterable[tuple],
+                           ks: Sequence[int] = (10, 50, 100)) -> Dict[str, float]:
+    """The most-popular ranker's metrics for users given in ``chunks`` of ``(positives, exclude)`` (lists of ids
+    per user): every candidate of ``ids`` scored by its training count ``counts``, a one-dimensional
+    "embedding" searched exactly, so tied counts take their expected rank."""
+    ids, counts = np.asarray(ids).astype(str), np.asarray(counts, dtype=np.float32)
+    if counts.shape != ids.shape:
+        raise ValueError(f"counts must have one value per id: shapes {counts.shape} and {ids.shape}")
+    if not np.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError("counts must be finite and non-negative (training interaction counts)")
+    index = BruteForce(max_k=min(max(check_ks(ks)) + 1, len(ids))).index(ids, counts[:, None])
+    queries = ((np.ones((len(positives), 1), np.float32), positives, exclude, None) for positives, exclude in chunks)
+    return evaluate_retriever_in_chunks(index, queries, ks)

@@ -15,10 +15,89 @@ POPULARITY_METRIC = "HR@50"
 
 def evaluate_model(model_dir: str, split, which: Sequence[str] = ("valid", "test"),
                    ks: Sequence[int] = (10, 50, 100)) -> Dict[str, Dict[str, float]]:
-    """Full-corpus metrics (PROTOCOL.md) of a saved run on the split's rows, keyed by ``which``."""
+    """Full-corpus metrics (PROTOCOL.md) of a saved run on the split's rows, keyed by ``which``: exact search,
+    or for a run trained with ``deep_retrieval: true`` its beam search over the whole corpus (as training
+    measured it)."""
+    from tfrec_recall.export.run_index import deep_retrieval_run_index
     from tfrec_recall.training import evaluate_towers, load_run
     run = load_run(model_dir)
-    return {name: evaluate_towers(run.query_tower, run.candidate_tower, split, name, ks) for name in which}
+    retriever = None if run.structure is None else deep_retrieval_run_index(run, len(run.candidate_ids))
+    return {name: evaluate_towers(run.query_tower, run.candidate_tower, split, name, ks, retriever=retriever)
+            for name in which}
+
+
+EXAMPLE_SPLITS = {"eval": "valid", "test": "test"}  # a split of the pipeline's Examples -> the protocol's name
+
+
+class ExamplesEvaluator:
+    """Metrics of saved runs on the eval and test splits of one ``Examples`` artifact (keyed ``"eval"`` /
+    ``"test"``). A run whose configuration streams (:func:`~tfrec_recall.training.streaming.require_streamable`)
+    is evaluated from the split files chunk by chunk (:mod:`tfrec_recall.evaluation.streamed`: nothing read whole,
+    its ``candidates.npz`` ranked); any other run on the split read into memory, once per history length."""
+
+    def __init__(self, examples_uri: str, ks: Sequence[int] = (10, 50, 100)):
+        self.examples_uri, self.ks = str(examples_uri), list(ks)
+        self._splits: Dict[int, Any] = {}
+
+    def streams(self, model_dir: str) -> bool:
+        from tfrec_recall.config import ConfigError
+        from tfrec_recall.training import load_run_config
+        from tfrec_recall.training.streaming import require_streamable
+        try:
+            require_streamable(load_run_config(model_dir))
+        except ConfigError:
+            return False
+        return True
+
+    def split(self, model_dir: str):
+        """The Examples read into memory with the run's history length (read once per length)."""
+        from tfrec_recall.data.protocol import read_split_examples
+        from tfrec_recall.training import load_run_config
+        history_length = load_run_config(model_dir).history_length
+        if history_length not in self._splits:
+            self._splits[history_length] = read_split_examples(self.examples_uri, history_length)
+        return self._splits[history_length]
+
+    def metrics(self, model_dir: str) -> Dict[str, Dict[str, float]]:
+        """The run's metrics on both splits."""
+        if not self.streams(model_dir):
+            out = evaluate_model(model_dir, self.split(model_dir), list(EXAMPLE_SPLITS.values()), self.ks)
+            return {name: out[which] for name, which in EXAMPLE_SPLITS.items()}
+        from tfrec_recall.evaluation.streamed import evaluate_examples
+        from tfrec_recall.training import load_run
+        run = load_run(model_dir)
+        return {name: evaluate_examples(run.query_tower, run.candidate_ids, run.candidate_embeddings,
+                                        self._files(name), self._schema(), self.ks) for name in EXAMPLE_SPLITS}
+
+    def popularity(self, model_dir: str) -> Dict[str, Dict[str, float]]:
+        """The most-popular ranker's metrics on both splits, over the run's candidates and training counts."""
+        from tfrec_recall.evaluation.baselines import most_popular_metrics
+        if not self.streams(model_dir):
+            return {name: most_popular_metrics(self.split(model_dir), which, self.ks)
+                    for name, which in EXAMPLE_SPLITS.items()}
+        from tfrec_recall.evaluation.streamed import most_popular_examples
+        ids, counts = self.candidates(model_dir)
+        if counts is None:
+            raise ValueError(f"{model_dir}/candidates.npz has no training counts (a run saved by an older "
+                             "tfrec_recall): retrain it to compare it with the most-popular ranker")
+        return {name: most_popular_examples(ids, counts, self._files(name), self._schema(), self.ks)
+                for name in EXAMPLE_SPLITS}
+
+    @staticmethod
+    def candidates(model_dir: str):
+        """(candidate ids, their training counts or None for an older run) saved with the run."""
+        from tfrec_recall import storage
+        saved = storage.load_npz(storage.join(model_dir, "candidates.npz"))
+        return saved["ids"], saved["counts"] if "counts" in saved.files else None
+
+    def _files(self, name: str) -> List[str]:
+        from tfrec_recall.data.protocol import split_files
+        return split_files(self.examples_uri, name)
+
+    def _schema(self):
+        from tfrec_recall.data.side_tables import read_side_features
+        from tfrec_recall.data.streaming import split_schema
+        return split_schema(read_side_features(self.examples_uri))
 
 
 def judge(metrics: Mapping[str, float], thresholds: Mapping[str, float],

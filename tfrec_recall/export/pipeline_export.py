@@ -13,10 +13,14 @@ from tfrec_recall import storage
 def export_for_serving(model_dir: str, out_dir, *, index: str = "brute_force", k: int = 100) -> str:
     """Exports the run in ``model_dir`` with an index over its candidate corpus into ``out_dir`` (a
     SavedModel directory, written atomically) plus ``out_dir/assets/request.json``, the run's sample request,
-    for the infra check."""
+    for the infra check. ``index``: a registered index name, or ``"deep_retrieval"`` (the beam search of a run
+    trained with ``deep_retrieval: true``, over its path structure)."""
     from tfrec_recall.export import export_retrieval_model
+    from tfrec_recall.export.run_index import DEEP_RETRIEVAL, deep_retrieval_run_index
     from tfrec_recall.training import REQUEST_FILE, load_run
     run = load_run(model_dir)
+    if index == DEEP_RETRIEVAL:
+        index = deep_retrieval_run_index(run, k)
     out = storage.path_str(out_dir).rstrip("/")
     if storage.exists(out):
         raise FileExistsError(f"{out} exists; refusing to overwrite an export")

@@ -5,7 +5,8 @@ A saved model directory holds:
 * ``config.yaml``: the run configuration and the dataset arguments;
 * ``checkpoint/``: a ``tf.train.Checkpoint`` of the whole model (towers, estimator state, optimizer);
 * ``query_tower/`` and ``candidate_tower/``: Keras SavedModels taking raw features;
-* ``candidates.npz``: the corpus ids and their embeddings (for ``recommend``), and for Deep Retrieval each
+* ``candidates.npz``: the corpus ids, their embeddings (for ``recommend``) and training interaction counts
+  (``counts``, for the most-popular baseline the pipeline's evaluator compares with), and for Deep Retrieval each
   item's paths (``paths`` [n, J, D], -1 for an unused slot);
 * ``path_structure/`` (Deep Retrieval only): the structure model's config (``config.json``) and weights;
 * ``metrics.json``, ``history.json`` and ``training.png`` (loss and HR@K per epoch);
@@ -30,6 +31,7 @@ from tfrec_recall.config import RunConfig
 from tfrec_recall.data.schema import USER_ID
 from tfrec_recall.data.split import Split
 from tfrec_recall.data.streaming import StreamingSplit
+from tfrec_recall.evaluation.baselines import training_counts
 from tfrec_recall.evaluation.evaluate import corpus_arrays, embed, embed_queries
 from tfrec_recall.features import FeatureSpec, feature_arrays
 from tfrec_recall.training.fit import TrainResult, plot_history
@@ -115,10 +117,14 @@ def _write_models(model, split: Split, directory: str) -> None:
     if isinstance(split, StreamingSplit):
         from tfrec_recall.training.streaming import corpus_embeddings
         items, embeddings = corpus_embeddings(model, split)
+        trained, counts = split.item_counts()
+        counts = pd.Series(counts, index=trained.astype(str)).reindex(items.astype(str), fill_value=0).to_numpy()
     else:
         items = split.data.items
         embeddings = embed(model.candidate_tower, corpus_arrays(split, model.candidate_tower.input_specs))
+        counts = training_counts(split)
     storage.save_npz(storage.join(directory, "candidates.npz"), ids=items.astype(str), embeddings=embeddings,
+                     counts=np.asarray(counts, dtype=np.int64),
                      **_save_structure(model, items.astype(str), storage.join(directory, STRUCTURE_DIR)))
 
 
@@ -158,6 +164,7 @@ class LoadedRun:
     candidate_embeddings: np.ndarray
     structure: Optional[Any] = None  # Deep Retrieval: the PathStructure
     candidate_paths: Optional[np.ndarray] = None  # Deep Retrieval: [n, J, D] paths of the candidates
+    candidate_counts: Optional[np.ndarray] = None  # training interactions per candidate (None: an older run)
 
 
 def load_run_config(model_dir) -> RunConfig:
@@ -186,7 +193,8 @@ def load_run(model_dir) -> LoadedRun:
                      tf.keras.models.load_model(storage.join(d, "query_tower"), compile=False),
                      tf.keras.models.load_model(storage.join(d, "candidate_tower"), compile=False),
                      candidates["ids"], candidates["embeddings"], structure,
-                     candidates["paths"] if "paths" in candidates.files else None)
+                     candidates["paths"] if "paths" in candidates.files else None,
+                     candidates["counts"] if "counts" in candidates.files else None)
 
 
 def recommend(run: LoadedRun, split: Split, user_ids: Sequence[str], k: int = 10,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -19,12 +19,10 @@ import tensorflow as tf
 from tfrec_recall import storage
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import ConfigError, RunConfig
-from tfrec_recall.data.protocol import EXCLUDE
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
-from tfrec_recall.data.streaming import RAGGED, DatasetFactory, StreamingSplit, corpus_schema, examples_dataset
-from tfrec_recall.evaluation.evaluate import decoded_strings, embed, embed_queries, indexed_retriever, query_rows
-from tfrec_recall.evaluation.ranked import check_ks
-from tfrec_recall.evaluation.retrieval import evaluate_retriever_in_chunks
+from tfrec_recall.data.streaming import DatasetFactory, StreamingSplit, corpus_schema, examples_dataset
+from tfrec_recall.evaluation.evaluate import decoded_strings, embed
+from tfrec_recall.evaluation.streamed import DEFAULT_USERS_PER_CHUNK, check_chunking, evaluate_examples
 from tfrec_recall.features import FeatureSpec, IdFeature, SequenceFeature
 from tfrec_recall.features.specs import HISTORY
 from tfrec_recall.layers.towers import tower_class
@@ -121,32 +119,6 @@ def training_dataset(model: TwoTower, config: RunConfig, source: StreamingSplit,
     return dataset.take(max_steps) if max_steps else dataset
 
 
-def _query_chunks(model: TwoTower, source: StreamingSplit, which: str, max_users: Optional[int],
-                  users_per_chunk: int) -> Iterator[Dict[str, np.ndarray]]:
-    """The ``which`` examples' query inputs, item ids and exclusions (lists of ids), ``users_per_chunk`` examples
-    (one per user) at a time; the first ``max_users`` when given."""
-    widths = {**_widths(model.query_tower.serving_specs), ITEM_ID: None, EXCLUDE: RAGGED}
-    seen = 0
-    for batch in examples_dataset(source.files(which), widths, users_per_chunk, schema=source.schema()):
-        keep = int(batch[ITEM_ID].shape[0]) if max_users is None else min(int(batch[ITEM_ID].shape[0]),
-                                                                          max_users - seen)
-        yield {name: (_id_rows(value) if name == EXCLUDE else decoded_strings(value.numpy()))[:keep]
-               for name, value in batch.items()}
-        seen += keep
-        if max_users is not None and seen >= max_users:
-            return
-    if not seen:
-        raise ValueError(f"the {which} files of the streaming split hold no example: {source.files(which)[:3]}")
-
-
-def _id_rows(ragged: tf.RaggedTensor) -> np.ndarray:
-    """A ragged batch of byte-string ids as a 1-D object array of lists of str."""
-    out = np.empty(int(ragged.nrows()), dtype=object)
-    for i, row in enumerate(ragged.to_list()):  # element by element: equal-length rows must not become 2-D
-        out[i] = [v.decode("utf-8") for v in row]
-    return out
-
-
 def corpus_arrays(specs: Sequence[FeatureSpec], source: StreamingSplit, batch_size: int = 4096
                   ) -> Dict[str, np.ndarray]:
     """The candidate inputs ``specs`` of every corpus item (of the three splits and of the item table), sorted by
@@ -175,28 +147,19 @@ def corpus_embeddings(model: TwoTower, source: StreamingSplit):
 
 def evaluate_streaming(model: TwoTower, source: StreamingSplit, which: str = "test",
                        ks: Sequence[int] = (10, 50, 100), *, max_users: Optional[int] = None,
-                       retriever=None, users_per_chunk: int = 8192) -> Dict[str, float]:
+                       retriever=None, users_per_chunk: int = DEFAULT_USERS_PER_CHUNK) -> Dict[str, float]:
     """PROTOCOL.md metrics of ``model`` on the source's ``which`` ("valid" / "test") examples: one query per
     user, its held-out item the positive, its training items (the examples' ``exclude``) removed, ranked over
     the corpus; the same numbers as :func:`~tfrec_recall.evaluation.evaluate.evaluate` on the in-memory split.
-    Users are read and ranked ``users_per_chunk`` at a time (a multiple of the retrieval batch, 256, keeps the
-    numbers those of one pass), so memory is bounded by a chunk and the corpus, not by the number of users.
-    ``max_users``: only the first that many users (a cheaper validation signal between epochs)."""
+    Users are read and ranked ``users_per_chunk`` at a time (:mod:`tfrec_recall.evaluation.streamed`), so memory
+    is bounded by a chunk and the corpus, not by the number of users. ``max_users``: only the first that many
+    users (a cheaper validation signal between epochs)."""
     if which not in ("valid", "test"):
         raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
-    if max_users is not None:
-        require_positive_int("max_users", max_users)
-    require_positive_int("users_per_chunk", users_per_chunk)
+    check_chunking(max_users, users_per_chunk)
     ids, embeddings = corpus_embeddings(model, source)
-    multi_query = getattr(model.query_tower, "multi_interest", False)
-    index = indexed_retriever(retriever, ids, embeddings, max(check_ks(ks)), multi_query=multi_query)
-
-    def chunks():
-        for rows in _query_chunks(model, source, which, max_users, users_per_chunk):
-            features, positives, exclude = query_rows(rows, ITEM_ID, EXCLUDE)
-            queries, mask = embed_queries(model.query_tower, features)
-            yield queries, positives, exclude, mask
-    return evaluate_retriever_in_chunks(index, chunks(), ks)
+    return evaluate_examples(model.query_tower, ids, embeddings, source.files(which), source.schema(), ks,
+                             retriever=retriever, max_users=max_users, users_per_chunk=users_per_chunk)
 
 
 def _callbacks(model, config: RunConfig, source: StreamingSplit, evaluate_every: int,
