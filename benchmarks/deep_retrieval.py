@@ -106,6 +106,10 @@ def _mean_sd(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+SCALE_POINTER = ("At 1,000,000 items (synthetic), items scored per query and p50 latency against brute force and "
+                 "IVF: `benchmarks/results/deep_retrieval_scale.md` (`benchmarks/deep_retrieval_scale.py`).")
+
+
 def write_report(grid_records, chosen, seeds_records, split, out: Path, command: str) -> None:
     """The grid on validation, then the chosen point's test metrics over the seeds."""
     lines = ["| D | K | J | K^D | valid HR@50 reranked | by path probability | brute force (same towers) | items "
@@ -143,7 +147,7 @@ def write_report(grid_records, chosen, seeds_records, split, out: Path, command:
             + "\n".join(curve)
             + f"\n\n## Test, chosen point, B = {BEAM}, seeds {', '.join(map(str, SEEDS))} (mean ± sd)\n\n"
             + "\n".join(test)
-            + f"\n\nCommand: `{command}`\n")
+            + f"\n\nCommand: `{command}`\n\n{SCALE_POINTER}\n")
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"grid": grid_records, "chosen": chosen,
                                                     "seeds": seeds_records}, indent=2))

@@ -172,14 +172,14 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
     thresholds, compare, ks = json.loads(thresholds_json), json.loads(compare_metrics_json), json.loads(ks_json)
     if blessing_split not in EXAMPLE_SPLITS:
         raise ValueError(f"blessing_split must be one of {sorted(EXAMPLE_SPLITS)}, got {blessing_split!r}")
-    evaluator = ExamplesEvaluator(examples.uri, ks)  # the candidate and the baseline share one reading
     model_dir = os.path.join(model.uri, SERVING_SUBDIR)
+    evaluator = ExamplesEvaluator(examples.uri, model_dir, ks)  # every run ranked over this model's corpus
     metrics = evaluator.metrics(model_dir)
-    # The most-popular ranker on the same rows and candidates (its ranking does not depend on the history length).
-    popularity = evaluator.popularity(model_dir)
-    baseline = None
+    popularity = evaluator.popularity()  # the most-popular ranker on the same rows and corpus
+    baseline, baseline_dir = None, None
     if baseline_model is not None and baseline_model.id != model.id:
-        baseline = evaluator.metrics(os.path.join(baseline_model.uri, SERVING_SUBDIR))
+        baseline_dir = os.path.join(baseline_model.uri, SERVING_SUBDIR)
+        baseline = evaluator.metrics(baseline_dir)
     verdict = judge(metrics[blessing_split], thresholds, baseline[blessing_split] if baseline else None, margin,
                     compare, popularity=popularity[blessing_split], popularity_margin=popularity_margin)
     result = {"blessed": verdict["blessed"], "checks": verdict["checks"], "blessing_split": blessing_split,
@@ -187,8 +187,9 @@ def RetrievalEvaluator(examples: InputArtifact[Examples], model: InputArtifact[M
               "baseline_model": baseline_model.uri if baseline else None,
               "baseline_model_id": baseline_model.id if baseline else None,
               "metrics": metrics, "popularity_metrics": popularity, "baseline_metrics": baseline,
-              "candidates": len(evaluator.candidates(model_dir)[0]),
-              "examples_read": "streamed" if evaluator.streams(model_dir) else "in memory"}
+              "candidates": len(evaluator.corpus()[0]),
+              "examples_read": {name: ("streamed" if evaluator.streams(path) else "in memory") if path else None
+                                for name, path in (("model", model_dir), ("baseline_model", baseline_dir))}}
     write_report(evaluation.uri, result)
     _record_verdict(result, verdict, model, baseline_model if baseline else None, evaluation, blessing)
 

@@ -154,19 +154,20 @@ def create_pipeline(*, pipeline_name: str, pipeline_root: str, data_root: str, s
         ``margin`` (absolute) below the latest blessed model's, recomputed on the same data.
       index / k: the index exported with the model (a registered name, or ``"deep_retrieval"``: the beam search
         of a model trained with ``deep_retrieval: true``; None: that for such a model, else ``"brute_force"``) and
-        the number of results it returns.
+        the number of results it returns. The evaluator measures the model's own retrieval (exact search, or a Deep
+        Retrieval model's beam search), whichever index is exported.
       metadata_path: an SQLite ML Metadata file (local runs); None leaves the connection to the orchestrator.
       beam_pipeline_args: passed to every Beam-based component (e.g. ``--runner=FlinkRunner``).
     """
     from tfrec_recall.config import PRESETS, ConfigError
-    from tfrec_recall.evaluation.blessing import POPULARITY_METRIC
+    from tfrec_recall.evaluation.blessing import EXAMPLE_SPLITS, POPULARITY_METRIC
     from tfrec_recall.training.tfx_trainer import trainer_config
     _check(isinstance(pipeline_name, str) and re.fullmatch(r"[a-z0-9][a-z0-9-]{0,127}", pipeline_name) is not None,
            "pipeline_name", pipeline_name, "must be lower-case letters, digits and '-' (Kubeflow V2's rule)")
     for name, value in (("pipeline_root", pipeline_root), ("data_root", data_root), ("serving_dir", serving_dir)):
         _check(isinstance(value, str) and bool(value), name, value, "must be a non-empty path")
     _check(data_format in DATA_FORMATS, "data_format", data_format, f"must be one of {DATA_FORMATS}")
-    _check(blessing_split in ("eval", "test"), "blessing_split", blessing_split, "must be 'eval' or 'test'")
+    _check(blessing_split in EXAMPLE_SPLITS, "blessing_split", blessing_split, f"must be one of {list(EXAMPLE_SPLITS)}")
     _check(isinstance(history_length, int) and history_length >= 1, "history_length", history_length,
            "must be a positive integer")
     _check(isinstance(k, int) and k >= 1, "k", k, "must be a positive integer")

@@ -357,7 +357,7 @@ def test_pipeline_evaluator_and_exporter_use_the_runs_beam_search(small_split, d
     np.testing.assert_array_equal(served["item_ids"].numpy(), ids.numpy())
     plain = load_config("youtube_dnn")
     assert _export_index(None, plain) == "brute_force"
-    with pytest.raises(ValueError, match="index needs a model trained with deep_retrieval: true .*got 'deep_retrieval'"):
+    with pytest.raises(ValueError, match="index needs a model trained with deep_retrieval: true .*'deep_retrieval'"):
         _export_index("deep_retrieval", plain)
     import dataclasses
     from tfrec_recall.export.run_index import deep_retrieval_run_index

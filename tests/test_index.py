@@ -115,14 +115,15 @@ def test_registry_lists_the_indexes_and_the_command_lines_offer_exactly_them():
     from tfrec_recall import cli
     export = [a for a in cli._parser()._actions if a.dest == "command"][0].choices["export"]
     # plus Deep Retrieval's index, which a run trained with deep_retrieval: true carries (not built from embeddings)
-    assert _index_choices(export) == [list(index_names()) + [cli.DEEP_RETRIEVAL]]
+    from tfrec_recall.export.run_index import DEEP_RETRIEVAL
+    assert _index_choices(export) == [list(index_names()) + [DEEP_RETRIEVAL]]
     assert export.parse_args(["--model-dir", "m", "--export-dir-base", "e", "--index", "ivf"]).index == "ivf"
     from pipelines import cli as pipeline_cli
     root = argparse.ArgumentParser()
     pipeline_cli.register(root.add_subparsers(dest="command"))
     pipeline = [a for a in root._actions if a.dest == "command"][0].choices["pipeline"]
     for name, sub in [a for a in pipeline._actions if isinstance(a.choices, dict)][0].choices.items():
-        assert _index_choices(sub) == [list(index_names())], name
+        assert _index_choices(sub) == [list(index_names()) + [DEEP_RETRIEVAL]], name
     from pipelines import pipeline as pipeline_module
     assert not hasattr(pipeline_module, "INDEXES")  # create_pipeline checks against the registry
 

@@ -397,7 +397,8 @@ def test_end_to_end_local_runs(tmp_path, small_data, monkeypatch, capsys):
     assert first[resolver].state == "COMPLETE"
     evaluation = json.loads(Path(first["RetrievalEvaluator"].outputs["evaluation"]["uri"], "metrics.json").read_text())
     assert evaluation["blessed"] and evaluation["baseline_model"] is None
-    assert evaluation["examples_read"] == "streamed"  # the preset streams: the evaluator never reads a split whole
+    # the preset streams: the evaluator never reads a split whole
+    assert evaluation["examples_read"] == {"model": "streamed", "baseline_model": None}
     split = leave_last_out(small_data, history_length=10)
     chance = chance_hit_rate(split, 50, "valid")  # random ranking: 50 / (200 items - ~14 excluded) = 0.269
     assert evaluation["metrics"]["eval"]["HR@50"] >= 1.5 * chance, (evaluation["metrics"]["eval"], chance)

@@ -255,16 +255,25 @@ def test_trainer_run_fn_streams_through_the_data_accessor(stream, small_split, t
 
 def _check_examples_evaluator(model_dir, examples, small_split, monkeypatch):
     """The pipeline evaluator's metrics of a streamed run, read chunk by chunk from the examples, equal those on
-    the examples read into memory (the path of runs that do not stream), and so does the most-popular ranker."""
+    the examples read into memory (the path of runs that do not stream), and so does the most-popular ranker; a
+    baseline run saved with another corpus is re-embedded over the model's (its side columns from the corpus
+    split) and, being the same towers, scores the same."""
+    import shutil
     from tfrec_recall.evaluation.baselines import training_counts
     from tfrec_recall.evaluation.blessing import ExamplesEvaluator
     from tfrec_recall.training.run_dir import load_run
-    streamed = ExamplesEvaluator(examples)
+    streamed = ExamplesEvaluator(examples, model_dir)
     assert streamed.streams(model_dir)
-    got = {"metrics": streamed.metrics(model_dir), "popularity": streamed.popularity(model_dir)}
+    got = {"metrics": streamed.metrics(model_dir), "popularity": streamed.popularity()}
+    baseline = shutil.copytree(model_dir, model_dir + "-older")
+    saved = dict(np.load(f"{baseline}/candidates.npz"))
+    keep = slice(0, len(saved["ids"]) // 2)  # trained when half of today's items existed
+    np.savez(f"{baseline}/candidates.npz", ids=saved["ids"][keep], embeddings=saved["embeddings"][keep])
+    for name, values in streamed.metrics(str(baseline)).items():
+        assert values == pytest.approx(got["metrics"][name], rel=1e-6), name
     monkeypatch.setattr(ExamplesEvaluator, "streams", lambda self, run: False)
-    in_memory = ExamplesEvaluator(examples)
-    for key, value in (("metrics", in_memory.metrics(model_dir)), ("popularity", in_memory.popularity(model_dir))):
+    in_memory = ExamplesEvaluator(examples, model_dir)
+    for key, value in (("metrics", in_memory.metrics(model_dir)), ("popularity", in_memory.popularity())):
         for name in ("eval", "test"):
             assert got[key][name] == pytest.approx(value[name], rel=1e-9), (key, name)
     assert got["metrics"]["eval"]["users"] == len(small_split.valid) and got["metrics"]["eval"]["HR@50"] > 0
@@ -311,7 +320,8 @@ def stream_users(stream):
 
 def test_most_popular_ranker_streamed_equals_in_memory(stream, small_split, tmp_path):
     """``most_popular_examples`` over the example files (tied counts by expected rank through an exact search of
-    the counts) gives ``most_popular_metrics``' numbers on the in-memory split; bad counts are refused."""
+    the counts) gives ``most_popular_metrics``' numbers on the in-memory split; bad counts are refused; for a run
+    saved without counts the evaluator counts the train split's items."""
     from tfrec_recall.evaluation.baselines import most_popular_metrics, training_counts
     from tfrec_recall.evaluation.streamed import most_popular_examples
     ids, counts = small_split.data.items, training_counts(small_split)
@@ -321,15 +331,17 @@ def test_most_popular_ranker_streamed_equals_in_memory(stream, small_split, tmp_
         assert got == pytest.approx(most_popular_metrics(small_split, which), rel=1e-9), which
     with pytest.raises(ValueError, match=r"counts must have one value per id: shapes \(2,\) and \(3,\)"):
         most_popular_examples(ids[:3], counts[:2], stream.files("test"), stream.schema())
-    with pytest.raises(ValueError, match="counts must be finite and non-negative"):
+    with pytest.raises(ValueError, match=r"counts must be finite and non-negative .*got -1.0 for id '.*' \(1 such\)"):
         most_popular_examples(ids[:2], np.array([1.0, -1.0]), stream.files("test"), stream.schema())
+    few = most_popular_examples(ids[:5], counts[:5], stream.files("test"), stream.schema(), ks=(2, 10))
+    assert few["users"] == len(small_split.test)  # a corpus smaller than max(ks) is ranked whole
     import os
     import yaml
     from tfrec_recall.evaluation.blessing import ExamplesEvaluator
-    run = tmp_path / "run"  # saved before the counts were kept: what the evaluator needs of it, and no counts
+    run = tmp_path / "run"  # saved before the counts were kept: the evaluator counts the train split's items
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"config": _config().to_dict(), "dataset": {}}))
     np.savez(run / "candidates.npz", ids=ids.astype(str), embeddings=np.zeros((len(ids), 2)))
     examples = os.path.dirname(os.path.dirname(stream.train_files[0]))
-    with pytest.raises(ValueError, match="candidates.npz has no training counts .*retrain it"):
-        ExamplesEvaluator(examples).popularity(str(run))
+    counted = ExamplesEvaluator(examples, str(run)).popularity()
+    assert counted["test"] == pytest.approx(most_popular_metrics(small_split, "test"), rel=1e-9)

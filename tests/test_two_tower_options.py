@@ -83,15 +83,17 @@ def background_server(root, names):
     """``serving_exports(root, names)`` entered in a background thread: yields a future of its port at once, so
     the tests before the server's run while the serve process imports TensorFlow and loads every export (tens
     of seconds); the process is stopped on exit."""
-    port, stop = concurrent.futures.Future(), threading.Event()
+    port, stop, failures = concurrent.futures.Future(), threading.Event(), []
 
     def serve():
         try:
             with serving_exports(root, names) as bound:
                 port.set_result(bound)
                 stop.wait()
-        except Exception as error:  # handed to the test that asks for the port
-            if not port.done():
+        except Exception as error:  # before the port: handed to the test that asks for it; after: raised on exit
+            if port.done():
+                failures.append(error)
+            else:
                 port.set_exception(error)
 
     thread = threading.Thread(target=serve, name="serving_exports", daemon=True)
@@ -101,6 +103,9 @@ def background_server(root, names):
     finally:
         stop.set()
         thread.join(timeout=60)
+    assert not thread.is_alive(), "the serve process did not stop within 60 s"
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture(scope="module")

@@ -64,8 +64,10 @@ def most_popular_in_chunks(ids: np.ndarray, counts: np.ndarray, chunks: Iterable
     ids, counts = np.asarray(ids).astype(str), np.asarray(counts, dtype=np.float32)
     if counts.shape != ids.shape:
         raise ValueError(f"counts must have one value per id: shapes {counts.shape} and {ids.shape}")
-    if not np.isfinite(counts).all() or (counts < 0).any():
-        raise ValueError("counts must be finite and non-negative (training interaction counts)")
-    index = BruteForce(max_k=min(max(check_ks(ks)) + 1, len(ids))).index(ids, counts[:, None])
+    bad = np.flatnonzero(~np.isfinite(counts) | (counts < 0))
+    if len(bad):
+        raise ValueError(f"counts must be finite and non-negative (training interaction counts), got "
+                         f"{counts[bad[0]]} for id {ids[bad[0]]!r} ({len(bad)} such)")
+    index = BruteForce(max_k=max(check_ks(ks)) + 1).index(ids, counts[:, None])
     queries = ((np.ones((len(positives), 1), np.float32), positives, exclude, None) for positives, exclude in chunks)
     return evaluate_retriever_in_chunks(index, queries, ks)

@@ -31,20 +31,29 @@ EXAMPLE_SPLITS = {"eval": "valid", "test": "test"}  # a split of the pipeline's 
 
 class ExamplesEvaluator:
     """Metrics of saved runs on the eval and test splits of one ``Examples`` artifact (keyed ``"eval"`` /
-    ``"test"``). A run whose configuration streams (:func:`~tfrec_recall.training.streaming.require_streamable`)
-    is evaluated from the split files chunk by chunk (:mod:`tfrec_recall.evaluation.streamed`: nothing read whole,
-    its ``candidates.npz`` ranked); any other run on the split read into memory, once per history length."""
+    ``"test"``), every run ranked over the corpus of ``model_dir``, the candidate model trained on these examples
+    (a baseline trained on older data is re-embedded over it). A run whose configuration streams
+    (:func:`~tfrec_recall.training.streaming.require_streamable`) is evaluated from the split files chunk by chunk
+    (:mod:`tfrec_recall.evaluation.streamed`: nothing read whole); any other run on the split read into memory,
+    once per history length."""
 
-    def __init__(self, examples_uri: str, ks: Sequence[int] = (10, 50, 100)):
-        self.examples_uri, self.ks = str(examples_uri), list(ks)
+    def __init__(self, examples_uri: str, model_dir: str, ks: Sequence[int] = (10, 50, 100)):
+        self.examples_uri, self.model_dir, self.ks = str(examples_uri), str(model_dir), list(ks)
         self._splits: Dict[int, Any] = {}
+        self._configs: Dict[str, Any] = {}
+        self._corpus: Optional[tuple] = None
+
+    def config(self, model_dir: str):
+        from tfrec_recall.training import load_run_config
+        if model_dir not in self._configs:
+            self._configs[model_dir] = load_run_config(model_dir)
+        return self._configs[model_dir]
 
     def streams(self, model_dir: str) -> bool:
         from tfrec_recall.config import ConfigError
-        from tfrec_recall.training import load_run_config
         from tfrec_recall.training.streaming import require_streamable
         try:
-            require_streamable(load_run_config(model_dir))
+            require_streamable(self.config(model_dir))
         except ConfigError:
             return False
         return True
@@ -52,11 +61,18 @@ class ExamplesEvaluator:
     def split(self, model_dir: str):
         """The Examples read into memory with the run's history length (read once per length)."""
         from tfrec_recall.data.protocol import read_split_examples
-        from tfrec_recall.training import load_run_config
-        history_length = load_run_config(model_dir).history_length
+        history_length = self.config(model_dir).history_length
         if history_length not in self._splits:
             self._splits[history_length] = read_split_examples(self.examples_uri, history_length)
         return self._splits[history_length]
+
+    def corpus(self):
+        """(the candidate model's corpus ids, their training counts or None for a run saved without them)."""
+        if self._corpus is None:
+            from tfrec_recall import storage
+            saved = storage.load_npz(storage.join(self.model_dir, "candidates.npz"))
+            self._corpus = (saved["ids"].astype(str), saved["counts"] if "counts" in saved.files else None)
+        return self._corpus
 
     def metrics(self, model_dir: str) -> Dict[str, Dict[str, float]]:
         """The run's metrics on both splits."""
@@ -66,38 +82,51 @@ class ExamplesEvaluator:
         from tfrec_recall.evaluation.streamed import evaluate_examples
         from tfrec_recall.training import load_run
         run = load_run(model_dir)
-        return {name: evaluate_examples(run.query_tower, run.candidate_ids, run.candidate_embeddings,
-                                        self._files(name), self._schema(), self.ks) for name in EXAMPLE_SPLITS}
+        ids, embeddings = self._ranked_corpus(run)
+        return {name: evaluate_examples(run.query_tower, ids, embeddings, self._files(name), self._schema(),
+                                        self.ks) for name in EXAMPLE_SPLITS}
 
-    def popularity(self, model_dir: str) -> Dict[str, Dict[str, float]]:
-        """The most-popular ranker's metrics on both splits, over the run's candidates and training counts."""
+    def _ranked_corpus(self, run):
+        """(corpus ids, the run's candidate embeddings of them): saved with the run when its corpus is this one."""
+        from tfrec_recall.data.schema import ITEM_ID
+        from tfrec_recall.data.side_tables import CORPUS
+        from tfrec_recall.evaluation.evaluate import embed
+        from tfrec_recall.evaluation.streamed import corpus_inputs
+        ids, _ = self.corpus()
+        if np.array_equal(np.asarray(run.candidate_ids).astype(str), ids):
+            return ids, run.candidate_embeddings
+        arrays = corpus_inputs(run.candidate_tower.input_specs, ids, self._files(CORPUS, missing_ok=True),
+                               self._side())
+        return arrays[ITEM_ID].astype(str), embed(run.candidate_tower, arrays)
+
+    def popularity(self) -> Dict[str, Dict[str, float]]:
+        """The most-popular ranker's metrics on both splits, over the candidate model's corpus: its saved
+        training counts, or (a run saved without them) the items of the train split counted in batches."""
         from tfrec_recall.evaluation.baselines import most_popular_metrics
-        if not self.streams(model_dir):
-            return {name: most_popular_metrics(self.split(model_dir), which, self.ks)
+        if not self.streams(self.model_dir):
+            return {name: most_popular_metrics(self.split(self.model_dir), which, self.ks)
                     for name, which in EXAMPLE_SPLITS.items()}
-        from tfrec_recall.evaluation.streamed import most_popular_examples
-        ids, counts = self.candidates(model_dir)
+        from tfrec_recall.evaluation.streamed import count_items, most_popular_examples
+        ids, counts = self.corpus()
         if counts is None:
-            raise ValueError(f"{model_dir}/candidates.npz has no training counts (a run saved by an older "
-                             "tfrec_recall): retrain it to compare it with the most-popular ranker")
+            counts = count_items(self._files("train"), self._schema(), ids)
         return {name: most_popular_examples(ids, counts, self._files(name), self._schema(), self.ks)
                 for name in EXAMPLE_SPLITS}
 
-    @staticmethod
-    def candidates(model_dir: str):
-        """(candidate ids, their training counts or None for an older run) saved with the run."""
+    def _files(self, name: str, missing_ok: bool = False) -> List[str]:
         from tfrec_recall import storage
-        saved = storage.load_npz(storage.join(model_dir, "candidates.npz"))
-        return saved["ids"], saved["counts"] if "counts" in saved.files else None
-
-    def _files(self, name: str) -> List[str]:
         from tfrec_recall.data.protocol import split_files
+        if missing_ok and not storage.exists(storage.join(self.examples_uri, f"Split-{name}")):
+            return []
         return split_files(self.examples_uri, name)
 
-    def _schema(self):
+    def _side(self):
         from tfrec_recall.data.side_tables import read_side_features
+        return read_side_features(self.examples_uri)
+
+    def _schema(self):
         from tfrec_recall.data.streaming import split_schema
-        return split_schema(read_side_features(self.examples_uri))
+        return split_schema(self._side())
 
 
 def judge(metrics: Mapping[str, float], thresholds: Mapping[str, float],

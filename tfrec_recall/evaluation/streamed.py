@@ -7,7 +7,9 @@ metrics are those of one pass (``evaluate_retriever_in_chunks``).
 * :func:`evaluate_examples`: a query tower against candidate embeddings (a model being trained, or a saved run's
   towers and ``candidates.npz``);
 * :func:`most_popular_examples`: the most-popular ranker (every item scored by its training count, ties by
-  expected rank), as :func:`~tfrec_recall.evaluation.baselines.most_popular_metrics` on the in-memory split.
+  expected rank), as :func:`~tfrec_recall.evaluation.baselines.most_popular_metrics` on the in-memory split;
+* :func:`corpus_inputs` (a candidate tower's inputs for every corpus item) and :func:`count_items` (training
+  counts read from the train files), for ranking a saved run over another corpus than its own.
 """
 from __future__ import annotations
 
@@ -91,3 +93,42 @@ def most_popular_examples(ids: np.ndarray, counts: np.ndarray, files: Sequence[s
     chunks = (([[i] for i in rows[ITEM_ID]], rows[EXCLUDE])
               for rows in example_chunks(files, {}, schema, users_per_chunk=users_per_chunk))
     return most_popular_in_chunks(ids, counts, chunks, ks)
+
+
+def corpus_inputs(specs, ids: np.ndarray, corpus_files: Sequence[str] = (), side=None, batch_size: int = 4096
+                  ) -> Dict[str, np.ndarray]:
+    """The candidate inputs ``specs`` of the corpus ``ids``: the ids alone (in their order) when the specs read
+    nothing else, else the ``corpus_files`` examples sorted by id (the corpus split of examples joined with
+    side-feature tables, whose ``side`` columns they carry), which must hold exactly the ``ids``."""
+    from tfrec_recall.data.streaming import corpus_schema, examples_dataset
+    ids = np.asarray(ids, dtype=object)
+    if [spec.name for spec in specs] == [ITEM_ID]:
+        return {ITEM_ID: ids}
+    if not corpus_files:
+        raise ValueError(f"the candidate tower reads {[spec.name for spec in specs]}: its inputs come from the "
+                         "corpus split of examples joined with side-feature tables, and there is none")
+    parts: Dict[str, list] = {spec.name: [] for spec in specs}
+    widths = {spec.name: spec.width for spec in specs}
+    for batch in examples_dataset(corpus_files, widths, batch_size, schema=corpus_schema(side)):
+        for name, value in batch.items():
+            parts[name].append(value.numpy())
+    arrays = {name: decoded_strings(np.concatenate(values)) for name, values in parts.items()}
+    order = np.argsort(arrays[ITEM_ID].astype(str), kind="stable")
+    arrays = {name: value[order] for name, value in arrays.items()}
+    if not np.array_equal(arrays[ITEM_ID].astype(str), np.sort(ids.astype(str))):
+        raise ValueError(f"the corpus split holds {len(arrays[ITEM_ID])} items, not the {len(ids)} corpus ids asked "
+                         "for (or other ones)")
+    return arrays
+
+
+def count_items(files: Sequence[str], schema, ids: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+    """Training interactions of each of ``ids`` (0 for an id never seen) in the example ``files``, read in
+    batches (memory: one batch and one count per distinct item)."""
+    from tfrec_recall.data.streaming import examples_dataset
+    counts: Dict[str, int] = {}
+    for batch in examples_dataset(files, {ITEM_ID: None}, batch_size, schema=schema):
+        values, found = np.unique(batch[ITEM_ID].numpy(), return_counts=True)
+        for value, n in zip(values, found):
+            key = value.decode("utf-8")
+            counts[key] = counts.get(key, 0) + int(n)
+    return np.asarray([counts.get(str(i), 0) for i in ids], dtype=np.int64)

@@ -20,9 +20,10 @@ from tfrec_recall import storage
 from tfrec_recall._validation import require_positive_int
 from tfrec_recall.config import ConfigError, RunConfig
 from tfrec_recall.data.schema import ITEM_ID, USER_ID
-from tfrec_recall.data.streaming import DatasetFactory, StreamingSplit, corpus_schema, examples_dataset
-from tfrec_recall.evaluation.evaluate import decoded_strings, embed
-from tfrec_recall.evaluation.streamed import DEFAULT_USERS_PER_CHUNK, check_chunking, evaluate_examples
+from tfrec_recall.data.streaming import DatasetFactory, StreamingSplit, examples_dataset
+from tfrec_recall.evaluation.evaluate import embed
+from tfrec_recall.evaluation.streamed import (DEFAULT_USERS_PER_CHUNK, check_chunking, corpus_inputs,
+                                              evaluate_examples)
 from tfrec_recall.features import FeatureSpec, IdFeature, SequenceFeature
 from tfrec_recall.features.specs import HISTORY
 from tfrec_recall.layers.towers import tower_class
@@ -123,20 +124,8 @@ def corpus_arrays(specs: Sequence[FeatureSpec], source: StreamingSplit, batch_si
                   ) -> Dict[str, np.ndarray]:
     """The candidate inputs ``specs`` of every corpus item (of the three splits and of the item table), sorted by
     id as ``split.data.items`` in memory: from the corpus vocabulary when the specs read the id alone, else from
-    the corpus split's examples."""
-    if [spec.name for spec in specs] == [ITEM_ID]:
-        return {ITEM_ID: source.corpus()}
-    if not source.corpus_files:
-        raise ValueError(f"the candidate tower reads {[spec.name for spec in specs]}: streaming embeds the corpus "
-                         "from the corpus split of joined examples, and this split has none")
-    parts: Dict[str, list] = {spec.name: [] for spec in specs}
-    for batch in examples_dataset(source.corpus_files, _widths(specs), batch_size,
-                                  schema=corpus_schema(source.side)):
-        for name, value in batch.items():
-            parts[name].append(value.numpy())
-    arrays = {name: decoded_strings(np.concatenate(values)) for name, values in parts.items()}
-    order = np.argsort(arrays[ITEM_ID].astype(str), kind="stable")
-    return {name: value[order] for name, value in arrays.items()}
+    the corpus split's examples (:func:`~tfrec_recall.evaluation.streamed.corpus_inputs`)."""
+    return corpus_inputs(specs, source.corpus(), source.corpus_files, source.side, batch_size)
 
 
 def corpus_embeddings(model: TwoTower, source: StreamingSplit):
