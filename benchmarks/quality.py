@@ -80,7 +80,8 @@ OPTION_FAMILIES = [
 # gap, in seconds) chosen on validation; their runs also measure the intra-list genre diversity of the top 50.
 SEQUENCE_FAMILIES = [
     ("Sequence: SASRec (self_attentive)", BEST, {"query_tower": "self_attentive"}, {"learning_rate": [0.001, 0.003]}),
-    ("Sequence: SDM", BEST, {"query_tower": "sdm"}, {"session_gap": [3600.0, 86400.0]}),
+    ("Sequence: SDM", BEST, {"query_tower": "sdm"},
+     {"session_gap": [3600.0, 86400.0], "learning_rate": [0.001, 0.003]}),
     ("Multi-interest: MIND (K = 4)", BEST, {"query_tower": "mind"}, {"learning_rate": [0.001, 0.003]}),
     ("Multi-interest: ComiRec-SA (K = 4)", BEST, {"query_tower": "comirec_sa"}, {"learning_rate": [0.001, 0.003]}),
     ("Multi-interest: ComiRec-DR (K = 4)", BEST, {"query_tower": "comirec_dr"},
