@@ -23,7 +23,7 @@ from tfrec_recall.tasks.auxiliary import AlignmentLoss
 from tfrec_recall.tasks.contrastive import ContrastiveLoss
 from tfrec_recall.tasks.dat import CategoryAlignmentLoss
 from tfrec_recall.tasks.retrieval import RetrievalTask
-from tests.test_two_tower_options import background_server, briefly_trained
+from tests.test_two_tower_options import background_server, briefly_trained, export_loader
 
 TINY = {"epochs": 1, "embedding_dim": 16, "output_dim": 16, "hidden_units": [16], "batch_size": 256,
         "attention_blocks": 1}
@@ -159,16 +159,8 @@ def exported(exports):
 
 @pytest.fixture(scope="module")
 def loaded(exported):
-    """``loaded(name)``: tf.saved_model.load of the tower's export, loaded once for the module (a load costs
-    seconds; the tests only call its signatures)."""
-    root, _ = exported
-    cache = {}
-
-    def load(name):
-        if name not in cache:
-            cache[name] = tf.saved_model.load(str(root / name / "1"))
-        return cache[name]
-    return load
+    """``loaded(name)``: the tower's export, loaded once for the module (``export_loader``)."""
+    return export_loader(exported[0])
 
 
 def _history_lists(features):

@@ -133,11 +133,9 @@ def exported(exports):
     return root, out
 
 
-@pytest.fixture(scope="module")
-def loaded(exported):
-    """``loaded(name)``: tf.saved_model.load of the option's export, loaded once for the module (a load costs
-    seconds; the tests only call its signatures)."""
-    root, _ = exported
+def export_loader(root):
+    """``load(name)``: tf.saved_model.load of ``root/<name>/1``, each export loaded once (a load costs seconds;
+    the tests only call its signatures)."""
     cache = {}
 
     def load(name):
@@ -145,6 +143,12 @@ def loaded(exported):
             cache[name] = tf.saved_model.load(str(root / name / "1"))
         return cache[name]
     return load
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """``loaded(name)``: the option's export, loaded once for the module (``export_loader``)."""
+    return export_loader(exported[0])
 
 
 def test_each_option_is_switched_on_and_its_export_answers_as_the_model(exported, loaded):
