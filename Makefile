@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tfrec-recall export --model-dir $$run --index ivf --k 100 --export-dir-base $$run/export
 
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=900 tests
+	$(PY) -m pytest -q --timeout=900 -n 2 --dist loadfile --durations=30 tests
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/quality.py

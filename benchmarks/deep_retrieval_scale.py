@@ -124,6 +124,7 @@ def train_structure(items: np.ndarray, cluster: np.ndarray, rounds: int, rng, lo
     from tfrec_recall.layers.structure import PathStructure, code_paths
     from tfrec_recall.tasks.path_likelihood import PathLikelihoodTask, random_paths
     n = len(items)
+    tf.keras.utils.set_random_seed(0)  # the structure's initial weights (EM is then repeatable)
     structure = PathStructure(num_layers=LAYERS, num_codes=CODES, code_dim=16, hidden_units=(hidden,))
     task = PathLikelihoodTask(structure)
     step = training_step(task, tf.keras.optimizers.Adam(3e-3))

@@ -337,6 +337,23 @@ def test_constant_model_scores_chance_and_nan_is_refused():
         full_corpus_metrics(queries, np.ones((50, 8)), [[u] for u in range(n_users)], ks=(10,))
 
 
+def test_candidate_embeddings_are_checked_unless_the_retriever_is_already_built():
+    from tfrec_recall.evaluation.evaluate import indexed_retriever
+    from tfrec_recall.retrievers import BruteForce
+    ids = np.array(["a", "b", "c"])
+    embeddings = np.eye(3, dtype=np.float32)
+    broken = embeddings.copy()
+    broken[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"1 of 3 candidate embeddings are NaN or infinite"):
+        indexed_retriever(None, ids, broken, depth=2)
+    with pytest.raises(ValueError, match=r"embeddings are needed unless retriever is an index already built"):
+        indexed_retriever(BruteForce(max_k=2), ids, None, depth=2)
+    built = BruteForce(max_k=2).index(ids, embeddings)
+    assert indexed_retriever(built, ids, None, depth=2) is built  # used as is: nothing re-embedded
+    _, found = indexed_retriever(built, ids, None, depth=2, multi_query=True)(embeddings[None, 2:], k=1)
+    assert found.numpy().tolist() == [[b"c"]]
+
+
 def test_tie_aware_metrics_match_monte_carlo_tie_breaking():
     """Independent reference: break ties at random (a jitter smaller than any score gap), rank strictly, average
     over 3000 draws; the expected metrics must agree within sampling error (PROTOCOL.md's expected rank)."""

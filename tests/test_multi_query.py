@@ -60,6 +60,20 @@ def test_max_merge_equals_the_reference(corpus):
         assert len(set(expected)) == 10  # no duplicates
 
 
+def test_max_merge_searching_only_k_per_interest_is_exact(corpus):
+    """Each interest is searched to depth k, not per_query_k, when diversity is 0: the merged top k must equal
+    the top k of the merge over each interest's full top per_query_k (Cen et al. 2020, Sec. 3.4, the max of
+    e_i . v_u^(k) over the interests)."""
+    ids, items, queries, _ = corpus
+    retriever = MultiQueryRetriever(BruteForce(max_k=40).index(ids, items), per_query_k=40)
+    scores, got = retriever(queries, k=3)
+    for user in range(BATCH):
+        best = _reference_candidates(ids, items, queries[user], per_query_k=40)
+        expected = sorted(best, key=best.get, reverse=True)[:3]
+        assert [i.decode() for i in got.numpy()[user]] == expected
+        np.testing.assert_allclose(scores.numpy()[user], [best[i] for i in expected], rtol=1e-5)
+
+
 def test_duplicates_keep_their_best_score():
     ids = np.array(["a", "b", "c"])
     items = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.6]], np.float32)

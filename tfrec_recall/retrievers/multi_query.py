@@ -3,8 +3,10 @@
 
 Merging (Cen et al., "Controllable Multi-Interest Framework for Recommendation", KDD 2020, Sec. 3.4):
 
-* ``diversity=0`` (the default): every interest retrieves ``per_query_k`` items; an item's score is its best
-  score over the interests, f(u, i) = max_k e_i . v_u^(k) (duplicates removed), and the top ``k`` are kept.
+* ``diversity=0`` (the default): every interest retrieves min(``per_query_k``, ``k``) items; an item's score is
+  its best score over the interests, f(u, i) = max_k e_i . v_u^(k) (duplicates removed), and the top ``k`` are
+  kept. Searching deeper than ``k`` would change nothing: an item outside the top k of the interest that gives
+  its best score has k distinct items above it under f, so it cannot be in the merged top k.
 * ``diversity=lambda > 0``: ComiRec's controllable aggregation. The merged candidates M (the union above) are
   picked greedily, k times: j = argmax over i in M \\ S of f(u, i) + lambda * sum over s in S of g(i, s), with
   g(i, s) = 1 when the categories of i and s differ (the paper's Algorithm 1, which maximises
@@ -77,7 +79,8 @@ class MultiQueryRetriever(Retriever):
             raise ValueError(f"k must be <= max_k ({self.max_k}), got {k}")
         if self.diversity > 0 and self.categories is None:
             raise ValueError("diversity > 0 needs the items' categories: call set_categories(ids, categories)")
-        scores, ids = self._search_each(tf.convert_to_tensor(queries, tf.float32), exclude, query_mask)
+        depth = self.per_query_k if self.diversity > 0 else min(self.per_query_k, k)
+        scores, ids = self._search_each(tf.convert_to_tensor(queries, tf.float32), depth, exclude, query_mask)
         scores = _drop_duplicates(scores, ids)
         if self.diversity == 0:
             top, order = tf.math.top_k(scores, k=min(k, scores.shape[-1]))
@@ -85,8 +88,8 @@ class MultiQueryRetriever(Retriever):
             return _pad(top, found, k)
         return _pad(*self._greedy(scores, ids, min(k, scores.shape[-1])), k)
 
-    def _search_each(self, queries, exclude, query_mask):
-        """Top ``per_query_k`` of every interest: (scores, ids) [B, K * per_query_k]; masked interests -inf."""
+    def _search_each(self, queries, depth: int, exclude, query_mask):
+        """Top ``depth`` of every interest: (scores, ids) [B, K * depth]; masked interests -inf."""
         if queries.shape.rank != 3 or queries.shape[1] is None:
             raise ValueError(f"queries must be [batch, num_queries, dim] with a fixed num_queries, got shape "
                              f"{queries.shape}")
@@ -94,12 +97,12 @@ class MultiQueryRetriever(Retriever):
         flat = tf.reshape(queries, [-1, queries.shape[-1]])
         if exclude is not None:
             exclude = tf.repeat(tf.convert_to_tensor(exclude, tf.string), num_queries, axis=0)
-        scores, ids = self.index(flat, k=self.per_query_k, exclude=exclude)
+        scores, ids = self.index(flat, k=depth, exclude=exclude)
         if query_mask is not None:
             keep = tf.reshape(tf.cast(query_mask, tf.bool), [-1, 1])
             scores = tf.where(keep, scores, -np.inf)
         batch = tf.shape(queries)[0]
-        width = num_queries * self.per_query_k
+        width = num_queries * depth
         return tf.reshape(scores, [batch, width]), tf.reshape(ids, [batch, width])
 
     def _greedy(self, scores, ids, k: int):
