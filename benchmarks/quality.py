@@ -14,7 +14,8 @@ excluded), with every choice made on the validation split.
 
 Finished runs are appended to benchmarks/results/quality_runs.jsonl (one JSON object per run); a rerun skips
 runs already there, so an interrupted benchmark resumes (--fresh starts over; --report-only trains nothing and
-reports the rows whose runs are all logged). Writes benchmarks/results/quality_ml100k.md, .json and a .png chart.
+reports the rows whose runs are all logged; --only trains the rows it names and reports the others from the
+log). Writes benchmarks/results/quality_ml100k.md, .json and a .png chart.
 
 3. The two-tower options (OPTION_FAMILIES: DAT, category alignment, contrastive, Example Age, parallel towers,
    distillation) run on the baseline preset, youtube_dnn_mixed, the configuration chosen in step 1-2; their runs
@@ -24,6 +25,8 @@ reports the rows whose runs are all logged). Writes benchmarks/results/quality_m
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -82,6 +85,12 @@ SEQUENCE_FAMILIES = [
     ("Sequence: SASRec (self_attentive)", BEST, {"query_tower": "self_attentive"}, {"learning_rate": [0.001, 0.003]}),
     ("Sequence: SDM", BEST, {"query_tower": "sdm"},
      {"session_gap": [3600.0, 86400.0], "learning_rate": [0.001, 0.003]}),
+    # A second selection step on validation: DAT (the best option above on the single-vector tower) on the two
+    # sequence towers' chosen points
+    ("Sequence: SASRec (self_attentive) + DAT", BEST,
+     {"query_tower": "self_attentive", "learning_rate": 0.001, "dat": True}, {}),
+    ("Sequence: SDM + DAT", BEST, {"query_tower": "sdm", "learning_rate": 0.001, "session_gap": 3600.0, "dat": True},
+     {}),
     ("Multi-interest: MIND (K = 4)", BEST, {"query_tower": "mind"}, {"learning_rate": [0.001, 0.003]}),
     ("Multi-interest: ComiRec-SA (K = 4)", BEST, {"query_tower": "comirec_sa"}, {"learning_rate": [0.001, 0.003]}),
     ("Multi-interest: ComiRec-DR (K = 4)", BEST, {"query_tower": "comirec_dr"},
@@ -99,8 +108,22 @@ def grid_points(grid: Dict[str, list]) -> List[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def effective_overrides(preset: str, overrides: dict) -> dict:
+    """The overrides that change ``preset``'s configuration: a grid point naming a preset's own value (say
+    ``dat: false`` added to a grid) is the run logged without it."""
+    return json.loads(_effective(preset, json.dumps(overrides, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=None)
+def _effective(preset: str, overrides: str) -> str:
+    given = json.loads(overrides)
+    base, full = (dataclasses.asdict(load_config(preset, overrides=o)) for o in ({}, given))
+    return json.dumps({k: v for k, v in given.items() if full[k] != base[k]}, sort_keys=True)
+
+
 class RunLog:
-    """Finished runs, one JSON object per line, keyed by (row, overrides, seed, max_epochs)."""
+    """Finished runs, one JSON object per line, keyed by (row, overrides, seed, max_epochs); given the preset,
+    by the overrides that change it (:func:`effective_overrides`)."""
 
     def __init__(self, path: Path, fresh: bool, report_only: bool = False):
         self.path, self.report_only = path, report_only  # report_only: a missing run raises NotRun
@@ -109,13 +132,15 @@ class RunLog:
         self.runs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     @staticmethod
-    def key(row, overrides, seed, max_epochs):
+    def key(row, overrides, seed, max_epochs, preset=None):
+        overrides = overrides if preset is None else effective_overrides(preset, overrides)
         return json.dumps([row, overrides, seed, max_epochs], sort_keys=True)
 
-    def get(self, *key):
-        wanted = self.key(*key)
+    def get(self, row, overrides, seed, max_epochs, preset=None):
+        wanted = self.key(row, overrides, seed, max_epochs, preset)
         return next((r for r in reversed(self.runs)  # the newest: a rerun may add measurements
-                     if self.key(r["row"], r["overrides"], r["seed"], r["max_epochs"]) == wanted), None)
+                     if self.key(r["row"], r["overrides"], r["seed"], r["max_epochs"],
+                                 None if preset is None else r["preset"]) == wanted), None)
 
     def add(self, record):
         self.runs.append(record)
@@ -172,7 +197,7 @@ class NotRun(Exception):
 
 
 def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=None, lists=False):
-    done = log.get(row, overrides, seed, max_epochs)
+    done = log.get(row, overrides, seed, max_epochs, preset)
     if done is not None and (segments is None or "segments" in done) and (not lists or "lists" in done):
         return done
     if log.report_only:
@@ -225,7 +250,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data" / "ml-100k"))
     parser.add_argument("--max-epochs", type=int, default=30)
-    parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    parser.add_argument("--only", nargs="*", help="train only rows whose name contains one of these (the others "
+                                                  "are reported from the run log)")
     parser.add_argument("--out", default=str(HERE / "results" / "quality_ml100k"))
     parser.add_argument("--fresh", action="store_true", help="forget the finished runs in the run log")
     parser.add_argument("--report-only", action="store_true",
@@ -243,8 +269,9 @@ def main(argv=None) -> int:
     segments = segment_items(split)
     sequences = []
     for family in FAMILIES + OPTION_FAMILIES + SEQUENCE_FAMILIES:
-        if args.only and not any(o.lower() in family[0].lower() for o in args.only):
-            continue
+        # --only trains the rows it names; every other row is reported from the run log, so the reports stay whole
+        log.report_only = args.report_only or bool(args.only and not any(o.lower() in family[0].lower()
+                                                                          for o in args.only))
         measure, lists = (segments if family in OPTION_FAMILIES else None), family in SEQUENCE_FAMILIES
         print(f"{family[0]}: selecting on validation", flush=True)
         try:

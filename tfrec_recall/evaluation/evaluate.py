@@ -70,7 +70,7 @@ def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "te
                              f"({len(set(positives_in))} ids)")
     positives_by_user = rows.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
     users = rows.drop_duplicates(USER_ID).reset_index(drop=True)
-    built = retriever is not None and retriever.is_built  # already over its candidates: nothing to embed
+    built = isinstance(retriever, Retriever) and retriever.is_built  # over its candidates: nothing to embed
     embeddings = None if built else embed(candidate_tower, corpus_arrays(split, candidate_tower.input_specs))
     queries, mask = embed_queries(query_tower, feature_arrays(users, split.data, query_tower.input_specs))
     positives = [positives_by_user[u] for u in users[USER_ID]]
