@@ -205,8 +205,8 @@ def run(log: RunLog, split, row, preset, overrides, seed, max_epochs, segments=N
     config = load_config(preset, overrides={**overrides, "seed": seed, "epochs": max_epochs, "patience": 3,
                                             "selection_metric": SELECTION})
     # A run killed part-way (these take up to an hour here) resumes from its last epoch at the next start.
-    resume_dir = log.path.parent / RESUME_DIR / hashlib.sha1(log.key(row, overrides, seed, max_epochs).encode()
-                                                             ).hexdigest()[:16]
+    key = log.key(row, overrides, seed, max_epochs, preset)
+    resume_dir = log.path.parent / RESUME_DIR / hashlib.sha1(key.encode()).hexdigest()[:16]
     resumed = training.latest_state(resume_dir) is not None
     start = time.perf_counter()
     result = training.train(config, split, verbose=0, resume_dir=str(resume_dir))

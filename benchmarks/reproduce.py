@@ -31,7 +31,7 @@ def chosen_rows(results: Path, only) -> list:
 
 
 def logged_seed0(log: quality.RunLog, row: dict, max_epochs: int) -> dict:
-    record = log.get(row["name"], row["overrides"], 0, max_epochs)
+    record = log.get(row["name"], row["overrides"], 0, max_epochs, row["preset"])
     if record is None:
         raise SystemExit(f"no logged seed-0 run of {row['name']!r} with {row['overrides']} in {log.path}")
     return record

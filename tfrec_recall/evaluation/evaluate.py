@@ -70,8 +70,8 @@ def evaluate_towers(query_tower, candidate_tower, split: Split, which: str = "te
                              f"({len(set(positives_in))} ids)")
     positives_by_user = rows.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
     users = rows.drop_duplicates(USER_ID).reset_index(drop=True)
-    built = isinstance(retriever, Retriever) and retriever.is_built  # over its candidates: nothing to embed
-    embeddings = None if built else embed(candidate_tower, corpus_arrays(split, candidate_tower.input_specs))
+    embeddings = None if _is_built(retriever) else embed(candidate_tower,  # a built one: nothing to embed
+                                                         corpus_arrays(split, candidate_tower.input_specs))
     queries, mask = embed_queries(query_tower, feature_arrays(users, split.data, query_tower.input_specs))
     positives = [positives_by_user[u] for u in users[USER_ID]]
     exclude = [list(split.train_items.get(u, [])) + [i for i in held_out[u] if i not in set(positives_by_user[u])]
@@ -99,13 +99,17 @@ def embed_queries(tower, arrays: Mapping[str, np.ndarray], batch_size: int = 409
     return np.concatenate(queries, axis=0), np.concatenate(masks, axis=0)
 
 
+def _is_built(retriever) -> bool:
+    return isinstance(retriever, Retriever) and retriever.is_built
+
+
 def indexed_retriever(retriever, ids: np.ndarray, embeddings: Optional[np.ndarray], depth: int,
                       multi_query: bool = False):
     """``retriever`` built over the candidates (an unbuilt one is built here; a built one is used as is, and
     ``embeddings`` may then be None), or a new exact BruteForce index with one id of look-ahead beyond ``depth``;
     with ``multi_query`` (K queries per user), an index that is not a MultiQueryRetriever is wrapped in one
     (max-score merge)."""
-    if embeddings is None and not (isinstance(retriever, Retriever) and retriever.is_built):
+    if embeddings is None and not _is_built(retriever):
         raise ValueError("embeddings are needed unless retriever is an index already built")
     bad = 0 if embeddings is None else int(np.sum(~np.isfinite(embeddings).all(axis=1)))
     if bad:
